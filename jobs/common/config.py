@@ -1,0 +1,269 @@
+"""Configuration: YAML files in `conf/`, loaded once into typed, frozen dataclasses.
+
+Order: the packaged `conf/base.yaml`, then every `--conf FILE` (later wins), then every
+`--set dotted.key=value`. Unknown keys, wrong types and bad values are a `ConfigError` that names
+the key and the file (or `--set`) it came from. Each section's dataclass checks its own values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from jobs.common.errors import ConfigError
+from udfs.llm_config import LLMConfig
+
+BASE_CONF = "base.yaml"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Which Delta backend writes the tables. `auto` picks native Delta when its jars load."""
+
+    backend: Literal["auto", "native", "embedded"] = "auto"
+    catalog: str | None = None  # native backend: also register tables as <catalog>.<schema>.<name>
+    schema: str | None = None
+    commit_retries: int = 3  # embedded backend: re-plan an append this often after a conflicting commit
+
+    def __post_init__(self) -> None:
+        if self.catalog and not self.schema:
+            raise ValueError("schema is required when catalog is set")
+        if self.commit_retries < 0:
+            raise ValueError(f"commit_retries={self.commit_retries} must be >= 0")
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    """Session settings used only when glan starts Spark itself (never over a spark-submit master)."""
+
+    master: str | None = None
+    shuffle_partitions: int = 8
+    conf: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.shuffle_partitions < 1:
+            raise ValueError(f"shuffle_partitions={self.shuffle_partitions} must be >= 1")
+
+
+@dataclass(frozen=True)
+class GlanConfig:
+    """The whole configuration of one run."""
+
+    run_root: str = "runs/glan"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    sources: tuple[str, ...] = ()  # where the values came from, for the run record; not a YAML key
+
+    def __post_init__(self) -> None:
+        if not self.run_root or not str(self.run_root).strip():
+            raise ValueError("run_root must not be empty")
+
+    def table_uri(self, name: str) -> str:
+        """`<run_root>/<name>`: local paths are made absolute, URIs are kept as they are."""
+        from jobs.common.spark import is_local_path, local_path
+
+        if is_local_path(self.run_root):
+            return str(local_path(self.run_root) / name)
+        return f"{self.run_root.rstrip('/')}/{name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("sources", None)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def find_conf_file(name: str) -> Path:
+    """A path as given, else a file of that name in the packaged `conf/` (so `--conf emr.yaml`
+    works on a cluster where only the installed package is present)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    packaged = resources.files("conf") / Path(name).name
+    if packaged.is_file():
+        return Path(str(packaged))
+    if not Path(name).suffix:
+        return find_conf_file(f"{name}.yaml")
+    raise ConfigError(f"config file not found: {name}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any], origin: dict[str, str], source: str,
+           prefix: str = "") -> None:
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origin, source, f"{dotted}.")
+        else:
+            into[key] = value
+            origin[dotted] = source
+            if isinstance(value, dict):
+                for sub in _dotted_keys(value, f"{dotted}."):
+                    origin[sub] = source
+
+
+def _dotted_keys(data: dict[str, Any], prefix: str) -> list[str]:
+    keys = []
+    for key, value in data.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys.extend(_dotted_keys(value, f"{prefix}{key}."))
+    return keys
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: {key!r} is not a dotted key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return key, nested
+
+
+def _where(origin: dict[str, str], key: str) -> str:
+    probe = key
+    while probe:
+        if probe in origin:
+            return origin[probe]
+        probe = probe.rpartition(".")[0]
+    return "defaults"
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: dict[str, str]) -> Any:
+    """Check `value` against the annotation `tp`; return the value in the dataclass's own type."""
+    source = _where(origin, key)
+    kind = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if kind in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, origin)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else ConfigError(f"{source}: {key} must not be null")
+    if kind is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, origin, f"{key}.")
+    if kind in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+        return tuple(items) if kind is tuple else items
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
+        key_tp, val_tp = args if args else (Any, Any)
+        return {_coerce(k, key_tp, key, origin): _coerce(v, val_tp, f"{key}.{k}", origin)
+                for k, v in value.items()}
+    if tp is Any:
+        return value
+    if value is None:
+        raise ConfigError(f"{source}: {key} must be a {_type_name(tp)}, not null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if source == "--set" and isinstance(value, (int, float, bool)):
+            return str(value)  # `--set run_root=2024` means the string
+    raise ConfigError(f"{source}: {key} must be a {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], origin: dict[str, str], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "sources"}
+    for key in data:
+        if key not in fields:
+            dotted = f"{prefix}{key}"
+            raise ConfigError(f"{_where(origin, dotted)}: unknown key '{dotted}'")
+    kwargs = {name: _coerce(data[name], hints[name], f"{prefix}{name}", origin)
+              for name in fields if name in data}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        # By convention a section's message starts with its own field name; prefix it with the
+        # section's path and name the file that set that field.
+        message = str(exc)
+        field_name = re.split(r"[\s=]", message, maxsplit=1)[0]
+        key = f"{prefix}{field_name}" if field_name in fields else prefix.rstrip(".")
+        raise ConfigError(f"{_where(origin, key)}: {prefix}{message}") from None
+
+
+def load_config(conf_files: list[str] | tuple[str, ...] = (), sets: list[str] | tuple[str, ...] = ()) -> GlanConfig:
+    """Load base.yaml, then each file, then each `--set`, into a validated `GlanConfig`."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    sources = []
+    for name in (BASE_CONF, *conf_files):
+        path = find_conf_file(name)
+        source = str(name) if name != BASE_CONF else "conf/base.yaml"
+        _merge(merged, _read_yaml(path), origin, source)
+        sources.append(source)
+    for item in sets:
+        _, nested = _parse_set(item)
+        _merge(merged, nested, origin, "--set")
+        sources.append(f"--set {item}")
+    cfg = _build(GlanConfig, merged, origin)
+    return dataclasses.replace(cfg, sources=tuple(sources))
+
+
+def with_overrides(cfg: GlanConfig, **sections: Any) -> GlanConfig:
+    """A copy of `cfg` with whole sections or top-level values replaced (tests and jobs)."""
+    return dataclasses.replace(cfg, **sections)

@@ -1,0 +1,26 @@
+"""Shared fixtures. One SparkSession for the whole test run (starting one costs seconds)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GLAN_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def spark_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("spark")
+
+
+@pytest.fixture(scope="session")
+def spark(spark_root) -> Iterator:
+    from jobs.common.spark import get_spark
+
+    session = get_spark("glan-tests", master="local[2]", shuffle_partitions=2, run_root=str(spark_root))
+    yield session
+    session.stop()

