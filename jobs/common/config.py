@@ -19,6 +19,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from jobs.common.errors import ConfigError
+from jobs.common.decontam_config import DecontamConfig
+from jobs.common.export_config import ExportConfig, TrainConfig
+from jobs.common.taxonomy import TaxonomyConfig
 from udfs.llm_config import LLMConfig
 
 BASE_CONF = "base.yaml"
@@ -61,6 +64,10 @@ class GlanConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     sources: tuple[str, ...] = ()  # where the values came from, for the run record; not a YAML key
 
     def __post_init__(self) -> None:

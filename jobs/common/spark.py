@@ -88,7 +88,6 @@ def get_spark(
             builder.master(master or os.environ.get("GLAN_SPARK_MASTER", "local[*]"))
             .config("spark.driver.extraJavaOptions",
                     f"-Dlog4j2.configurationFile=file:{log4j} -Dderby.system.home={scratch / 'derby'}")
-            .config("spark.local.dir", str(scratch / "local"))
             .config("spark.ui.showConsoleProgress", "false")
             .config("spark.ui.enabled", "false")
             .config("spark.driver.memory", os.environ.get("GLAN_SPARK_DRIVER_MEMORY", "4g"))

@@ -1,0 +1,248 @@
+"""The `glan` command line.
+
+Every command takes `--conf FILE` (repeatable) and `--set key=value` (repeatable). Errors are one
+line on stderr: exit code 2 for bad configuration or input, 1 for other failures, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jobs.common.config import GlanConfig
+from jobs.common.errors import GlanError
+from jobs.common.jobargs import add_config_args, config_from_args
+
+log = logging.getLogger("glan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output helpers
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 60) -> str:
+    """An aligned plain-text table, cells cut to `max_width` characters."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            text = "NULL"
+        elif isinstance(value, (dict, list)):
+            text = json.dumps(value, default=str, ensure_ascii=False)
+        else:
+            text = str(value)
+        text = text.replace("\n", " ")
+        return text if len(text) <= max_width else text[: max_width - 3] + "..."
+
+    body = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(row[i], (int, float)) and not isinstance(row[i], bool)
+                   for row in rows if row[i] is not None) and bool(rows) for i in range(len(columns))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = [line(list(columns)), "  ".join("-" * w for w in widths)]
+    out.extend(line(r) for r in body)
+    return "\n".join(out)
+
+
+def _to_jsonable(value: Any) -> Any:
+    if hasattr(value, "asDict"):
+        return {k: _to_jsonable(v) for k, v in value.asDict(recursive=False).items()}
+    if isinstance(value, dict):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, max_width: int = 60) -> None:
+    if fmt == "json":
+        for row in rows:
+            print(json.dumps({c: _to_jsonable(v) for c, v in zip(columns, row)}, ensure_ascii=False))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([json.dumps(_to_jsonable(v), ensure_ascii=False) if isinstance(v, (list, dict)) or hasattr(v, "asDict")
+                             else v for v in row])
+    else:
+        print(format_table(columns, [[_to_jsonable(v) for v in row] for row in rows], max_width))
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _spark_for(cfg: GlanConfig, app: str):
+    from jobs.common.spark import get_spark
+
+    return get_spark(app, master=cfg.spark.master, shuffle_partitions=cfg.spark.shuffle_partitions,
+                     run_root=cfg.run_root, extra_conf=cfg.spark.conf)
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from jobs.common.storage import get_storage
+
+    storage = get_storage(_spark_for(cfg, "glan-tables"), cfg)
+    names = storage.list_tables()
+    if not names:
+        print(f"no tables under {cfg.run_root}")
+        return 0
+    rows = []
+    for name in names:
+        info = storage.info(name)
+        when = info.last_commit.strftime("%Y-%m-%d %H:%M:%S UTC") if info.last_commit else ""
+        rows.append([info.name, info.rows, info.version, when, info.uri])
+    print_rows(["table", "rows", "version", "last_commit", "path"], rows, args.format, max_width=200)
+    return 0
+
+
+def register_views(spark, cfg: GlanConfig) -> list[str]:
+    """Every table under the run root becomes a temporary view named after its folder."""
+    from jobs.common.storage import get_storage
+
+    storage = get_storage(spark, cfg)
+    names = storage.list_tables()
+    for name in names:
+        storage.read(name).createOrReplaceTempView(name)
+    return names
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    spark = _spark_for(cfg, "glan-sql")
+    register_views(spark, cfg)
+    result = spark.sql(args.query)
+    rows = result.limit(args.limit).collect() if args.limit else result.collect()
+    print_rows(result.columns, [list(r) for r in rows], args.format, args.max_width)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from jobs.common.pipeline import run_pipeline
+
+    cfg = config_from_args(args)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    disciplines = [d.strip() for d in args.disciplines.split(",") if d.strip()] if args.disciplines else None
+    return run_pipeline(cfg, stages=stages, disciplines=disciplines)
+
+
+# Commands whose implementation lives in a job module: `glan <name> ...` calls `<module>.main(argv)`.
+MODULE_COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def register_module_command(name: str, module: str, help_text: str) -> None:
+    MODULE_COMMANDS[name] = (module, help_text)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glan", description="GLAN instruction-data generation on Spark")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = add_config_args(sub.add_parser("run", help="run the pipeline's stages in order (resumable)"))
+    run.add_argument("--stages", help="comma-separated stage names to run (default: all, in order)")
+    run.add_argument("--disciplines", help='limit the run to these disciplines, e.g. "Mathematics,Physics"')
+    run.set_defaults(func=cmd_run)
+
+    tables = add_config_args(sub.add_parser("tables", help="list the run's tables with rows, version, last commit"))
+    tables.add_argument("--format", choices=["text", "csv", "json"], default="text")
+    tables.set_defaults(func=cmd_tables)
+
+    sql = add_config_args(sub.add_parser("sql", help="run Spark SQL; every table of the run is a view"))
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=["text", "csv", "json"], default="text")
+    sql.add_argument("--limit", type=int, default=1000, help="rows to print at most (0: all)")
+    sql.add_argument("--max-width", type=int, default=60, help="cut text cells to this many characters")
+    sql.set_defaults(func=cmd_sql)
+
+    for name, (_, help_text) in MODULE_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """A Java or Python exception as one readable line, never a stack trace."""
+    text = str(exc).strip() or type(exc).__name__
+    first = text.splitlines()[0]
+    if "JVM stacktrace" in text or first.startswith("An error occurred while calling"):
+        for line in text.splitlines():
+            if "Exception:" in line:
+                first = line.split("Exception:", 1)[1].strip() or first
+                break
+    return first[:500]
+
+
+def _run_guarded(func: Callable[[], int]) -> int:
+    try:
+        return int(func() or 0)
+    except GlanError as exc:
+        print(f"glan: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("glan: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's promise is one line, not a traceback
+        from pyspark.errors import PySparkException
+
+        if isinstance(exc, PySparkException):
+            cls = getattr(exc, "getCondition", lambda: None)() or type(exc).__name__
+            print(f"glan: error: {cls}: {_one_line(exc)}", file=sys.stderr)
+            return 2 if "ANALYSIS" in type(exc).__name__.upper() or "PARSE" in type(exc).__name__.upper() else 1
+        print(f"glan: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        log.debug("traceback", exc_info=True)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _register_builtin_modules()
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in MODULE_COMMANDS:
+        module, _ = MODULE_COMMANDS[command]
+        rest = [a for a in argv if a not in ("-v", "--verbose")]
+        rest.remove(command)
+        return _run_guarded(lambda: importlib.import_module(module).main(rest))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return _run_guarded(lambda: args.func(args))
+
+
+def _register_builtin_modules() -> None:
+    """Commands implemented by job modules; listed here so `glan --help` shows them all."""
+    for name, module, help_text in (
+        ("status", "jobs.common.status", "rows done/to do, failures, tokens and cost per stage"),
+        ("cost", "jobs.common.costs", "tokens and money by stage and model (--estimate: before a run)"),
+        ("fake-llm", "udfs.fake_llm", "a loopback OpenAI-compatible test server with fault injection"),
+        ("taxonomy", "jobs.taxonomy", "load, propose and apply reviews of the taxonomy"),
+        ("benchmarks", "jobs.benchmarks", "fetch benchmark files and build the benchmark_items table"),
+        ("decontaminate", "jobs.decontaminate", "remove pairs that overlap benchmarks (any dataset)"),
+        ("export", "jobs.export", "write training-ready Parquet shards, manifest and dataset card"),
+    ):
+        if importlib.util.find_spec(module) is not None:
+            register_module_command(name, module, help_text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`glan run`: the pipeline's stages in order, each resumable (input keys minus output keys).
+
+A stage is a job module in `jobs/` with `run_stage(spark, cfg, disciplines) -> dict` (figures for
+the log) and `main(argv)` (its own spark-submit entry point).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import time
+from contextlib import ExitStack
+
+from jobs.common.config import GlanConfig
+from jobs.common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# (stage name, job module), in the order GLAN runs them (DESIGN.md, "Data flow").
+STAGES: list[tuple[str, str]] = [
+    ("taxonomy", "jobs.taxonomy"),
+]
+
+
+def stage_names() -> list[str]:
+    return [name for name, _ in STAGES]
+
+
+def select_stages(requested: list[str] | None) -> list[tuple[str, str]]:
+    if not requested:
+        return list(STAGES)
+    unknown = [s for s in requested if s not in stage_names()]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(stage_names())}")
+    return [(name, module) for name, module in STAGES if name in requested]
+
+
+def run_pipeline(cfg: GlanConfig, stages: list[str] | None = None, disciplines: list[str] | None = None) -> int:
+    from jobs.common.spark import get_spark
+
+    chosen = select_stages(stages)
+    spark = get_spark("glan-run", master=cfg.spark.master, shuffle_partitions=cfg.spark.shuffle_partitions,
+                      run_root=cfg.run_root, extra_conf=cfg.spark.conf)
+    started = time.monotonic()
+    with ExitStack() as stack:
+        cfg = _start_endpoint(stack, cfg, chosen)
+        for name, module in chosen:
+            t0 = time.monotonic()
+            print(f"[{name}] running", file=sys.stderr, flush=True)
+            figures = importlib.import_module(module).run_stage(spark, cfg, disciplines) or {}
+            summary = ", ".join(f"{k}={v}" for k, v in figures.items())
+            print(f"[{name}] done in {time.monotonic() - t0:.1f}s{': ' + summary if summary else ''}",
+                  file=sys.stderr, flush=True)
+    print(f"pipeline finished in {time.monotonic() - started:.1f}s; tables under {cfg.table_uri('')}",
+          file=sys.stderr)
+    print(f"query them with:  glan sql \"SELECT * FROM {chosen[-1][0] if chosen else 'taxonomy'} LIMIT 5\""
+          + "".join(f" --conf {s}" for s in cfg.sources if not s.startswith(("conf/base.yaml", "--set"))),
+          file=sys.stderr)
+    return 0
+
+
+def _start_endpoint(stack: ExitStack, cfg: GlanConfig, chosen: list[tuple[str, str]]) -> GlanConfig:
+    """For `llm.endpoint: embedded`, start the local llama.cpp server for the whole run."""
+    needs_llm = any(getattr(importlib.import_module(m), "USES_LLM", False) for _, m in chosen)
+    if not needs_llm or cfg.llm.endpoint != "embedded":
+        return cfg
+    from udfs.embedded import embedded_endpoint
+
+    return stack.enter_context(embedded_endpoint(cfg))

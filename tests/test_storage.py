@@ -1,0 +1,181 @@
+"""The storage layer on the embedded backend: real Delta tables written by Spark + delta-rs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+
+from jobs.common.config import load_config
+from jobs.common.errors import SchemaMismatchError, TableNotFoundError
+from jobs.common.storage import EmbeddedDeltaStorage, get_storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def cfg(tmp_path):
+    return load_config([], [f"run_root={tmp_path / 'run'}", "storage.backend=embedded"])
+
+
+@pytest.fixture()
+def storage(spark, cfg) -> EmbeddedDeltaStorage:
+    st = get_storage(spark, cfg)
+    assert isinstance(st, EmbeddedDeltaStorage)
+    return st
+
+
+def rows(spark, pairs):
+    return spark.createDataFrame(pairs, "id string, text string")
+
+
+def ids(df) -> list[str]:
+    return sorted(r["id"] for r in df.select("id").collect())
+
+
+def test_appending_the_same_rows_twice_leaves_one_copy(spark, storage):
+    df = rows(spark, [(f"k{i}", f"text {i}") for i in range(20)])
+    first = storage.append_missing(df, "things", "id")
+    second = storage.append_missing(df, "things", "id")
+    assert (first.rows_written, second.rows_written) == (20, 0)
+    assert second.version is None  # nothing to write is not a commit
+    assert storage.read("things").count() == 20
+    assert DeltaTable(storage.uri("things")).version() == 0
+
+
+def test_appending_a_mix_adds_only_the_new_keys(spark, storage):
+    storage.append_missing(rows(spark, [("a", "1"), ("b", "2")]), "things", "id")
+    result = storage.append_missing(rows(spark, [("b", "changed"), ("c", "3"), ("c", "3"), ("d", "4")]), "things", "id")
+    assert result.rows_written == 2
+    table = {r["id"]: r["text"] for r in storage.read("things").collect()}
+    assert table == {"a": "1", "b": "2", "c": "3", "d": "4"}  # an existing key is never rewritten
+
+
+def test_tables_are_real_delta_tables(spark, storage):
+    storage.append_missing(rows(spark, [("a", "1"), ("b", "2")]), "things", "id")
+    storage.append_missing(rows(spark, [("c", "3")]), "things", "id")
+    dt = DeltaTable(storage.uri("things"))
+    assert sorted(dt.to_pandas()["id"]) == ["a", "b", "c"]
+    history = dt.history()
+    assert [h["version"] for h in history] == [1, 0]
+    assert [h["operation"] for h in history] == ["WRITE", "CREATE TABLE"]
+    info = storage.info("things")
+    assert (info.rows, info.version) == (3, 1) and info.last_commit is not None
+
+
+def test_reading_version_n_returns_what_was_there_at_version_n(spark, storage):
+    storage.append_missing(rows(spark, [("a", "1")]), "things", "id")
+    storage.append_missing(rows(spark, [("b", "2")]), "things", "id")
+    storage.overwrite(rows(spark, [("z", "9")]), "things")
+    assert ids(storage.read("things", version=0)) == ["a"]
+    assert ids(storage.read("things", version=1)) == ["a", "b"]
+    assert ids(storage.read("things", version=2)) == ["z"]
+    assert ids(storage.read("things")) == ["z"]
+
+
+def test_a_schema_mismatch_is_a_clear_error(spark, storage):
+    storage.append_missing(rows(spark, [("a", "1")]), "things", "id")
+    wrong_type = spark.createDataFrame([("b", 2)], "id string, text long")
+    with pytest.raises(SchemaMismatchError, match="table 'things': column 'text' is bigint, the table has string"):
+        storage.append_missing(wrong_type, "things", "id")
+    extra = spark.createDataFrame([("b", "2", 3)], "id string, text string, n int")
+    with pytest.raises(SchemaMismatchError, match="unexpected column.*n"):
+        storage.append_missing(extra, "things", "id")
+    assert ids(storage.read("things")) == ["a"]
+
+
+def test_declared_table_schema_is_enforced(spark, storage):
+    bad = spark.createDataFrame([("f1", "stage")], "failure_id string, stage string")
+    with pytest.raises(SchemaMismatchError, match="table 'failures'.*missing column"):
+        storage.append_missing(bad, "failures", "failure_id")
+    assert not storage.exists("failures")
+
+
+def test_missing_table_is_a_clear_error(storage):
+    with pytest.raises(TableNotFoundError, match="table 'nope' does not exist"):
+        storage.read("nope")
+
+
+def test_missing_rows_is_input_minus_committed_keys(spark, storage):
+    storage.append_missing(rows(spark, [("a", "1"), ("b", "2")]), "things", "id")
+    todo = storage.missing_rows(rows(spark, [("a", "x"), ("c", "y")]), "things", "id")
+    assert ids(todo) == ["c"]
+
+
+def _run_script(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env})
+
+
+SCRIPT_HEAD = """
+    import os, sys, signal, time
+    from jobs.common.config import load_config
+    from jobs.common.spark import get_spark
+    from jobs.common.storage import get_storage
+    cfg = load_config([], ["run_root={root}", "storage.backend=embedded"])
+    spark = get_spark("t", master="local[1]", shuffle_partitions=1, run_root="{scratch}")
+    st = get_storage(spark, cfg)
+    df = spark.createDataFrame([(f"{p}{{i}}", "x") for i in range({n})], "id string, text string")
+"""
+
+
+def test_write_killed_before_commit_leaves_table_as_before(spark, storage, tmp_path):
+    storage.append_missing(rows(spark, [("a", "1")]), "things", "id")
+    before_files = set(os.listdir(storage.uri("things")))
+    code = SCRIPT_HEAD.format(root=storage.cfg.run_root, scratch=tmp_path / "s1", n=50, p="k") + """
+    staged = st.stage(df, "things", "id")
+    assert staged.files, "nothing staged"
+    os.kill(os.getpid(), signal.SIGKILL)   # dies after the Parquet files, before the commit
+    """
+    proc = _run_script(code, tmp_path)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    leftover = set(os.listdir(storage.uri("things"))) - before_files
+    assert any(name.endswith(".parquet") for name in leftover)  # the files were written...
+    assert DeltaTable(storage.uri("things")).version() == 0      # ...but never committed
+    assert ids(storage.read("things")) == ["a"]
+    assert len(DeltaTable(storage.uri("things")).to_pandas()) == 1
+    rerun = storage.append_missing(rows(spark, [(f"k{i}", "x") for i in range(50)]), "things", "id")
+    assert rerun.rows_written == 50
+    assert storage.read("things").count() == 51
+
+
+def test_two_processes_appending_at_once_both_commit(storage, tmp_path):
+    root = storage.cfg.run_root
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    code = SCRIPT_HEAD + """
+    staged = st.stage(df, "things", "id")
+    open(os.path.join("{barrier}", "{p}"), "w").close()
+    deadline = time.time() + 120
+    while len(os.listdir("{barrier}")) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    result = st.commit(staged)
+    print("WROTE", result.rows_written)
+    """
+    # Writer "a" adds a0..a29; writer "b" adds b0..b29: both commit against the same read version.
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code.format(
+        root=root, scratch=tmp_path / p, n=30, p=p, barrier=barrier))],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in ("a", "b")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-2000:]
+        assert "WROTE 30" in out
+    dt = DeltaTable(storage.uri("things"))
+    frame = dt.to_pandas()
+    assert len(frame) == 60 and frame["id"].is_unique
+    assert dt.version() == 1  # one created the table, the other appended after resolving the conflict
+
+
+def test_concurrent_writers_of_the_same_keys_never_duplicate(spark, storage):
+    """A commit that lost the race drops the keys the winner committed instead of duplicating them."""
+    first = storage.stage(rows(spark, [("a", "1"), ("b", "2")]), "things", "id")
+    second = storage.stage(rows(spark, [("b", "2"), ("c", "3")]), "things", "id")
+    assert storage.commit(first).rows_written == 2
+    assert storage.commit(second).rows_written == 1
+    frame = DeltaTable(storage.uri("things")).to_pandas()
+    assert sorted(frame["id"]) == ["a", "b", "c"]
