@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
+import importlib.resources.abc  # noqa: F401 - for the Traversable annotation
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -92,21 +93,22 @@ class GlanConfig:
 # Loading
 
 
-def find_conf_file(name: str) -> Path:
+def find_conf_file(name: str) -> Path | resources.abc.Traversable:
     """A path as given, else a file of that name in the packaged `conf/` (so `--conf emr.yaml`
-    works on a cluster where only the installed package is present)."""
+    works on a cluster where only the installed package, or the --py-files zip, is present).
+    Either way the result has `.read_text()` and `.name`."""
     path = Path(name).expanduser()
     if path.is_file():
         return path
     packaged = resources.files("conf") / Path(name).name
     if packaged.is_file():
-        return Path(str(packaged))
+        return packaged
     if not Path(name).suffix:
         return find_conf_file(f"{name}.yaml")
     raise ConfigError(f"config file not found: {name}")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path | resources.abc.Traversable) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

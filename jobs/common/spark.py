@@ -103,4 +103,16 @@ def get_spark(
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    _quiet_python_loggers()
     return spark
+
+
+def _quiet_python_loggers() -> None:
+    """PySpark logs every failed query as a JSON line before raising it; the exception itself
+    reaches our caller, so these copies are noise on the console."""
+    import logging
+
+    from pyspark.logger import PySparkLogger
+
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+        PySparkLogger.getLogger(name).setLevel(logging.CRITICAL + 1)

@@ -1,0 +1,53 @@
+"""Check that a cluster can run glan-spark: the driver and every executor import the package and
+its dependencies, and the storage backend is chosen. Prints one JSON line per check.
+Run: spark-submit --py-files dist/glan_spark-<version>-pyfiles.zip jobs/check_cluster.py --conf conf/emr.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from jobs.common.jobargs import add_config_args, config_from_args
+
+
+def _executor_report(_: int) -> str:
+    import importlib
+
+    import jobs
+    import udfs
+
+    found = {}
+    for module in ("pyarrow", "pandas", "openai", "tenacity", "jinja2", "yaml", "datasketch"):
+        try:
+            found[module] = getattr(importlib.import_module(module), "__version__", "ok")
+        except ImportError as exc:
+            found[module] = f"MISSING: {exc}"
+    return json.dumps({"jobs": jobs.__file__, "udfs": udfs.__file__, "python": sys.executable, "deps": found})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from jobs.common.spark import get_spark
+    from jobs.common.storage import get_storage
+
+    args = add_config_args(argparse.ArgumentParser(description="check a cluster for glan-spark")).parse_args(argv)
+    cfg = config_from_args(args)
+    spark = get_spark("glan-check", run_root=cfg.run_root)
+    report = F.udf(_executor_report, T.StringType())
+    tasks = max(2, spark.sparkContext.defaultParallelism)
+    rows = spark.range(tasks).repartition(tasks).select(report("id").alias("r")).distinct().collect()
+    print(json.dumps({"check": "driver", "master": spark.sparkContext.master,
+                      "storage": get_storage(spark, cfg).backend}))
+    for row in rows:
+        print(json.dumps({"check": "executor", **json.loads(row["r"])}))
+    missing = [r for r in rows if "MISSING" in r["r"]]
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Configuration errors and the `glan` CLI: one-line errors, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.common.cli import format_table
+from jobs.common.config import load_config
+from jobs.common.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# The JVM itself prints this once at start-up, before glan can say anything; it is not our output.
+JVM_NOTICE = "WARNING: Using incubator modules"
+
+
+def glan(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "jobs.common.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc.stderr = "".join(line for line in proc.stderr.splitlines(keepends=True) if not line.startswith(JVM_NOTICE))
+    return proc
+
+
+def test_defaults_are_the_base_file_then_later_files_win(tmp_path):
+    (tmp_path / "a.yaml").write_text("llm:\n  timeout_s: 10\n  max_attempts: 2\n")
+    (tmp_path / "b.yaml").write_text("llm:\n  timeout_s: 20\n")
+    cfg = load_config([str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")], ["llm.max_attempts=4"])
+    assert (cfg.llm.timeout_s, cfg.llm.max_attempts) == (20.0, 4)
+    assert cfg.llm.api_key_env == "OPENAI_API_KEY"  # untouched defaults come from conf/base.yaml
+
+
+def test_packaged_conf_files_are_found_by_name():
+    assert load_config(["local.yaml"]).llm.endpoint == "embedded"
+    assert load_config(["emr"]).storage.backend == "native"
+
+
+@pytest.mark.parametrize(("content", "sets", "message"), [
+    ("llm:\n  base_ulr: http://x\n", [], r"^{file}: unknown key 'llm.base_ulr'$"),
+    ("llm:\n  timeout_s: fast\n", [], r"^{file}: llm.timeout_s must be a float, got str 'fast'$"),
+    ("storage:\n  backend: s3\n", [], r"^{file}: storage.backend='s3' is not one of 'auto', 'native', 'embedded'$"),
+    ("llm:\n  max_in_flight_per_task: 0\n", [], r"^{file}: llm.max_in_flight_per_task=0 must be >= 1$"),
+    ("llm: [1, 2]\n", [], r"^{file}: llm must be a mapping, got list$"),
+    ("run_root: [\n", [], r"^{file} line \d+: not valid YAML"),
+    ("", ["spark.shuffle_partitions=many"], r"^--set: spark.shuffle_partitions must be a int, got str 'many'$"),
+    ("", ["nope.key=1"], r"^--set: unknown key 'nope'$"),
+])
+def test_config_errors_name_the_key_and_the_file(tmp_path, content, sets, message):
+    path = tmp_path / "my.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_config([str(path)], sets)
+    import re
+    assert re.match(message.format(file=re.escape(str(path))), str(info.value)), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file_is_exit_2_one_line_and_nothing_written(tmp_path):
+    proc = glan("tables", "--conf", "missing.yaml", "--set", f"run_root={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "glan: error: config file not found: missing.yaml"
+    assert not (tmp_path / "run").exists()
+    assert sorted(os.listdir(tmp_path)) == []  # no spark-warehouse, metastore_db or derby.log either
+
+
+@pytest.mark.parametrize("sets", [["llm.bogus=1"], ["llm.timeout_s=abc"]])
+def test_bad_set_is_exit_2_and_nothing_written(tmp_path, sets):
+    args = ["run"] + [x for s in sets for x in ("--set", s)] + ["--set", f"run_root={tmp_path / 'run'}"]
+    proc = glan(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("glan: error: --set: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_tables_and_sql_over_a_run(tmp_path):
+    run = tmp_path / "run"
+    setup = f"""
+from jobs.common.config import load_config
+from jobs.common.spark import get_spark
+from jobs.common.storage import append_missing
+cfg = load_config([], ["run_root={run}", "storage.backend=embedded"])
+spark = get_spark("t", master="local[1]", run_root=cfg.run_root)
+append_missing(spark.createDataFrame([("a", "Mathematics", 3), ("b", "Physics", 5)], "id string, discipline string, n int"), "subjects", "id", cfg)
+append_missing(spark.createDataFrame([("q1", "a")], "question_id string, id string"), "questions", "question_id", cfg)
+"""
+    done = subprocess.run([sys.executable, "-c", setup], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    common = ["--set", f"run_root={run}", "--set", "storage.backend=embedded"]
+
+    tables = glan("tables", *common, cwd=tmp_path)
+    assert tables.returncode == 0, tables.stderr
+    lines = tables.stdout.splitlines()
+    assert lines[0].split()[:4] == ["table", "rows", "version", "last_commit"]
+    assert lines[2].split()[:3] == ["questions", "1", "0"] and lines[3].split()[:3] == ["subjects", "2", "0"]
+
+    sql = glan("sql", "SELECT s.discipline, s.n, q.question_id FROM subjects s LEFT JOIN questions q USING (id) "
+               "ORDER BY s.n", *common, cwd=tmp_path)
+    assert sql.returncode == 0, sql.stderr
+    assert sql.stdout.splitlines() == [
+        "discipline   n  question_id",
+        "-----------  -  -----------",
+        "Mathematics  3  q1",
+        "Physics      5  NULL",
+    ]
+    as_json = glan("sql", "SELECT id, n FROM subjects ORDER BY id", "--format", "json", *common, cwd=tmp_path)
+    assert [json.loads(line) for line in as_json.stdout.splitlines()] == [{"id": "a", "n": 3}, {"id": "b", "n": 5}]
+    as_csv = glan("sql", "SELECT id, n FROM subjects ORDER BY id", "--format", "csv", *common, cwd=tmp_path)
+    assert as_csv.stdout.splitlines() == ["id,n", "a,3", "b,5"]
+
+    bad = glan("sql", "SELECT nope FROM subjects", *common, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr
+    assert "Traceback" not in bad.stderr and "at org.apache" not in bad.stderr
+    assert not (tmp_path / "spark-warehouse").exists() and not (tmp_path / "metastore_db").exists()
+
+
+def test_format_table_aligns_and_cuts_long_cells():
+    text = format_table(["name", "n"], [["a", 1], ["b" * 100, 22]], max_width=10)
+    assert text.splitlines() == ["name         n", "----------  --", "a            1", "bbbbbbb...  22"]
