@@ -179,3 +179,12 @@ def test_concurrent_writers_of_the_same_keys_never_duplicate(spark, storage):
     assert storage.commit(second).rows_written == 1
     frame = DeltaTable(storage.uri("things")).to_pandas()
     assert sorted(frame["id"]) == ["a", "b", "c"]
+
+
+def test_repeated_keys_across_tasks_of_one_write_are_written_once(spark, storage):
+    # The same key in different partitions: found from the key hashes the tasks send back.
+    df = spark.createDataFrame([(f"k{i % 7}", "x") for i in range(40)], "id string, text string").repartition(4)
+    result = storage.append_missing(df, "things", "id")
+    assert result.rows_written == 7
+    frame = DeltaTable(storage.uri("things")).to_pandas()
+    assert sorted(frame["id"]) == [f"k{i}" for i in range(7)]

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
@@ -45,7 +47,11 @@ FILE_META = T.StructType([
     T.StructField("path", T.StringType()),
     T.StructField("size", T.LongType()),
     T.StructField("num_records", T.LongType()),
+    T.StructField("key_hashes", T.BinaryType()),  # int64 xxhash64 of each row's key, in file order
 ])
+KEY_HASH = "_glan_key_hash"
+_FILE_META_ARROW = pa.schema([("path", pa.string()), ("size", pa.int64()), ("num_records", pa.int64()),
+                              ("key_hashes", pa.binary())])
 # Roll over to a new Parquet file once this many uncompressed bytes went into the current one.
 TARGET_FILE_BYTES = 512 * 1024 * 1024
 
@@ -183,18 +189,21 @@ def _write_files_udf(table_uri: str, write_id: str, arrow_schema: pa.Schema):
         part = ctx.partitionId() if ctx else 0
         attempt = ctx.attemptNumber() if ctx else 0
         fs, root = pafs.FileSystem.from_uri(table_uri)
-        written: list[tuple[str, int, int]] = []
+        written: list[tuple[str, int, int, bytes]] = []
         writer = None
         name = None
         rows = bytes_in = 0
         file_index = 0
+        hashes: list[pa.Array] = []
 
         def close() -> None:
             nonlocal writer
             if writer is not None:
                 writer.close()
                 size = fs.get_file_info(f"{root}/{name}").size
-                written.append((name, size, rows))
+                blob = b"".join(h.to_numpy(zero_copy_only=False).astype("<i8").tobytes() for h in hashes)
+                written.append((name, size, rows, blob))
+                hashes.clear()
                 writer = None
 
         for batch in batches:
@@ -209,16 +218,19 @@ def _write_files_udf(table_uri: str, write_id: str, arrow_schema: pa.Schema):
                 sink = fs.open_output_stream(f"{root}/{name}")
                 writer = pq.ParquetWriter(sink, arrow_schema, compression="snappy")
                 rows = bytes_in = 0
-            table = pa.Table.from_batches([batch]).cast(arrow_schema)
-            writer.write_table(table)
+            table = pa.Table.from_batches([batch])
+            if KEY_HASH in table.column_names:
+                hashes.append(table.column(KEY_HASH).combine_chunks())
+                table = table.drop_columns([KEY_HASH])
+            writer.write_table(table.cast(arrow_schema))
             rows += batch.num_rows
             bytes_in += batch.nbytes
         close()
         if written:
             yield pa.RecordBatch.from_pydict(
                 {"path": [w[0] for w in written], "size": [w[1] for w in written],
-                 "num_records": [w[2] for w in written]},
-                schema=pa.schema([("path", pa.string()), ("size", pa.int64()), ("num_records", pa.int64())]),
+                 "num_records": [w[2] for w in written], "key_hashes": [w[3] for w in written]},
+                schema=_FILE_META_ARROW,
             )
 
     return write
@@ -300,11 +312,14 @@ class EmbeddedDeltaStorage(Storage):
             missing = [k for k in keys if k not in df.columns]
             if missing:
                 raise SchemaMismatchError(f"table '{name}': key column(s) {', '.join(missing)} not in the rows")
-            df = df.dropDuplicates(list(keys))
             if dt is not None and mode == "append" and dt.file_uris():
                 done = self.read(name).select(*keys)
                 df = df.join(done, on=list(keys), how="left_anti")
         schema = _nullable(df.schema)
+        if keys:
+            # Duplicates inside this batch are found from key hashes the tasks send back, not by a
+            # shuffle of the rows (which would cost more than the write itself).
+            df = df.withColumn(KEY_HASH, F.xxhash64(*keys))
         arrow_schema = to_arrow_schema(schema)
         uri = self.uri(name)
         write_id = uuid.uuid4().hex[:16]
@@ -312,7 +327,10 @@ class EmbeddedDeltaStorage(Storage):
         fs.create_dir(root, recursive=True)
         meta = df.mapInArrow(_write_files_udf(uri, write_id, arrow_schema), FILE_META).collect()
         files = [(r["path"], r["size"], r["num_records"]) for r in meta]
-        return StagedWrite(name, uri, write_id, schema, files, read_version, keys, mode)
+        staged = StagedWrite(name, uri, write_id, schema, files, read_version, keys, mode)
+        if keys:
+            _drop_duplicate_keys(staged, [bytes(r["key_hashes"] or b"") for r in meta])
+        return staged
 
     def commit(self, staged: StagedWrite, operation_note: str = "") -> WriteResult:
         """Phase 2: one Delta commit for every staged file, idempotent through an app transaction."""
@@ -441,6 +459,43 @@ class EmbeddedDeltaStorage(Storage):
         last = dt.history(1)
         when = (datetime.fromtimestamp(last[0]["timestamp"] / 1000, tz=timezone.utc) if last else None)
         return TableInfo(name, rows, dt.version(), when, self.uri(name))
+
+
+def _drop_duplicate_keys(staged: StagedWrite, blobs: list[bytes]) -> None:
+    """Keep the first row of every key in this batch; rewrite only the files that hold a repeat.
+
+    Candidates come from 64-bit key hashes; the rewrite compares the real keys, so a hash
+    collision between different keys never drops a row."""
+    per_file = [np.frombuffer(b, dtype="<i8") for b in blobs]
+    if not per_file:
+        return
+    every = np.concatenate(per_file)
+    values, counts = np.unique(every, return_counts=True)
+    repeated = values[counts > 1]
+    if repeated.size == 0:
+        return
+    fs, root = pafs.FileSystem.from_uri(staged.uri)
+    seen: set = set()
+    kept_files = []
+    for (path, size, rows), hashes in zip(staged.files, per_file):
+        if not np.isin(hashes, repeated).any():
+            kept_files.append((path, size, rows))
+            continue
+        table = pq.read_table(f"{root}/{path}", filesystem=fs)
+        mask = []
+        for key, in_repeat in zip(_key_list(table, staged.key), np.isin(hashes, repeated)):
+            mask.append(not (in_repeat and key in seen))
+            if in_repeat:
+                seen.add(key)
+        kept = table.filter(pa.array(mask, pa.bool_()))
+        fs.delete_file(f"{root}/{path}")
+        if kept.num_rows:
+            new_path = path.replace(".snappy.parquet", "-d.snappy.parquet")
+            pq.write_table(kept, f"{root}/{new_path}", filesystem=fs, compression="snappy")
+            kept_files.append((new_path, fs.get_file_info(f"{root}/{new_path}").size, kept.num_rows))
+    log.info("table '%s': dropped %d repeated keys inside one write", staged.name,
+             staged.rows - sum(f[2] for f in kept_files))
+    staged.files = kept_files
 
 
 def _read_columns(uri: str, columns: list[str]) -> pa.Table:
