@@ -1,0 +1,393 @@
+"""Fine-tune a causal LM on a GLAN export with DeepSpeed (the paper's step 7).
+
+Reads `manifest.json` of `glan export`, verifies the shard checksums, tokenises question and answer
+separately and joins them (labels -100 on the prompt: loss on answer tokens only), packs micro-batches
+to a token budget (sequences x longest <= --micro-batch-tokens), accumulates gradients to about
+--pairs-per-step pairs per optimizer step, runs a linear warm-up + cosine schedule to a final lr of 0,
+saves DeepSpeed checkpoints for --resume and, at the end, a Hugging Face checkpoint (config,
+safetensors, tokenizer) in OUTPUT/hf that `AutoModelForCausalLM.from_pretrained` reloads.
+Defaults come from the `train:` section of the config (the paper's values); flags override them.
+
+Launch (single node, 8 GPUs):
+    deepspeed --num_gpus 8 jobs/train.py --export runs/export --model mistralai/Mistral-7B-v0.1 \
+        --output runs/train --deepspeed-config conf/deepspeed/zero3_bf16.json
+    torchrun --standalone --nproc_per_node 8 jobs/train.py --export runs/export \
+        --model mistralai/Mistral-7B-v0.1 --output runs/train --deepspeed-config conf/deepspeed/zero3_bf16.json
+
+Multi node (4 nodes x 8 GPUs; run the torchrun line on every node with its --node_rank):
+    deepspeed --hostfile hostfile --num_nodes 4 --num_gpus 8 --master_addr node0 --master_port 29500 \
+        jobs/train.py --export s3://bucket/export --model mistralai/Mistral-7B-v0.1 --output /shared/train \
+        --deepspeed-config conf/deepspeed/zero3_bf16.json
+    torchrun --nnodes 4 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr node0 --master_port 29500 \
+        jobs/train.py --export s3://bucket/export --model mistralai/Mistral-7B-v0.1 --output /shared/train \
+        --deepspeed-config conf/deepspeed/zero3_bf16.json
+    (`hostfile` lines: `node0 slots=8`. --output must be a filesystem every node sees.)
+
+Resume after a stop: the same command plus `--resume` (latest checkpoint in OUTPUT/checkpoints) or
+`--resume DIR`.
+
+CPU, one process (tests and laptops; fp32, DeepSpeed's CPU accelerator, gloo):
+    OMP_NUM_THREADS=1 python jobs/train.py --export runs/export --model DIR --output runs/train \
+        --deepspeed-config conf/deepspeed/cpu_fp32.json --warmup-steps 10 --max-steps 100
+    A plain `python` launch gets RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR=127.0.0.1 and
+    MASTER_PORT=29500 unless they are set, so DeepSpeed does not fall back to MPI discovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("glan.train")
+
+_DIST_DEFAULTS = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+
+
+def set_single_process_defaults() -> None:
+    """A plain `python` launch: pretend to be rank 0 of 1 (else DeepSpeed tries MPI discovery)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    for key, value in _DIST_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def skip_cpu_shm_op() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory op (minutes) that only inference uses."""
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each layer's activations in the backward pass (transformers 5 renamed the call)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def resolve_deepspeed_config(name: str) -> Path:
+    """A path as given, else the file of that name shipped in the `conf` package."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    from importlib import resources
+
+    packaged = resources.files("conf") / "deepspeed" / Path(name).name
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise FileNotFoundError(f"DeepSpeed config not found: {name}")
+
+
+def build_deepspeed_config(base: dict[str, Any], *, lr: float, weight_decay: float, max_grad_norm: float,
+                           accumulation: int, world_size: int, bf16: bool) -> dict[str, Any]:
+    """Fill in what depends on the run. DeepSpeed does not understand HF's "auto" values, so any
+    left in the file are an error rather than a silent default."""
+    cfg = json.loads(json.dumps(base))
+    cfg["train_micro_batch_size_per_gpu"] = 1           # one packed batch is one micro-batch
+    cfg["gradient_accumulation_steps"] = accumulation
+    cfg["train_batch_size"] = accumulation * world_size
+    cfg["gradient_clipping"] = max_grad_norm
+    optimizer = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    optimizer.setdefault("params", {}).update(lr=lr, weight_decay=weight_decay)
+    optimizer["params"].setdefault("torch_adam", True)  # else DeepSpeed JIT-compiles its own Adam
+    cfg.pop("scheduler", None)                           # the job passes its own schedule
+    cfg.pop("fp16", None)
+    cfg["bf16"] = {"enabled": bool(bf16)}
+    leftover = [key for key, value in _walk(cfg) if value == "auto"]
+    if leftover:
+        raise ValueError(f"DeepSpeed config has 'auto' values, which DeepSpeed cannot resolve: {leftover}")
+    return cfg
+
+
+def _walk(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(data, dict):
+        return [item for k, v in data.items() for item in _walk(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), data)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_manifest(export: str) -> tuple[dict[str, Any], Path]:
+    path = Path(export)
+    manifest_path = path if path.name == "manifest.json" else path / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no manifest.json in {export}; run `glan export` first")
+    return json.loads(manifest_path.read_text()), manifest_path.parent
+
+
+def read_pairs(manifest: dict[str, Any], root: Path, split: str, verify: bool = True) -> tuple[list[str], list[str]]:
+    """Questions and answers of one split, in the export's order; checksums checked first."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    shards = {s["path"]: s for s in manifest["shards"]}
+    questions: list[str] = []
+    answers: list[str] = []
+    for relative in manifest["splits"][split]["files"]:
+        data = (root / relative).read_bytes()
+        if verify and hashlib.sha256(data).hexdigest() != shards[relative]["sha256"]:
+            raise ValueError(f"{root / relative}: sha256 does not match manifest.json")
+        table = pq.read_table(root / relative, columns=["question", "answer"])
+        questions += table.column("question").to_pylist()
+        answers += table.column("answer").to_pylist()
+    return questions, answers
+
+
+def tokenize_pairs(tokenizer: Any, questions: list[str], answers: list[str], max_len: int,
+                   system_prompt: str | None = None, chunk: int = 4096) -> list[Any]:
+    from jobs.common.training import join_prompt_answer, prompt_text
+
+    examples = []
+    for start in range(0, len(questions), chunk):
+        qs, ans = questions[start:start + chunk], answers[start:start + chunk]
+        prompts = tokenizer([prompt_text(tokenizer, q, system_prompt) for q in qs],
+                            add_special_tokens=False)["input_ids"]
+        replies = tokenizer(list(ans), add_special_tokens=False)["input_ids"]
+        examples += [join_prompt_answer(p, a, tokenizer.eos_token_id, max_len) for p, a in zip(prompts, replies)]
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from jobs.common.jobargs import add_config_args
+
+    parser = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__.split("\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--export", required=True, help="export directory (or its manifest.json)")
+    parser.add_argument("--output", required=True, help="checkpoints, metrics.jsonl and the final hf/ model")
+    parser.add_argument("--model", help="HF model id or directory (train.model)")
+    parser.add_argument("--tokenizer", help="tokenizer id or directory; default: the model's")
+    parser.add_argument("--deepspeed-config", dest="deepspeed_config", help="train.deepspeed_config")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--final-lr", dest="final_lr", type=float)
+    parser.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    parser.add_argument("--weight-decay", dest="weight_decay", type=float)
+    parser.add_argument("--max-grad-norm", dest="max_grad_norm", type=float)
+    parser.add_argument("--pairs-per-step", dest="pairs_per_step", type=int)
+    parser.add_argument("--micro-batch-tokens", dest="micro_batch_tokens", type=int)
+    parser.add_argument("--max-seq-len", dest="max_seq_len", type=int)
+    parser.add_argument("--gradient-checkpointing", dest="gradient_checkpointing",
+                        action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--save-every-steps", dest="save_every_steps", type=int)
+    parser.add_argument("--log-every-steps", dest="log_every_steps", type=int)
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="resume from OUTPUT/checkpoints (or the DeepSpeed checkpoint DIR given)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the shard sha256 check")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK wins
+    return parser.parse_args(argv)
+
+
+_TRAIN_FLAGS = ("model", "deepspeed_config", "epochs", "lr", "final_lr", "warmup_steps", "weight_decay",
+                "max_grad_norm", "pairs_per_step", "micro_batch_tokens", "max_seq_len",
+                "gradient_checkpointing", "bf16", "seed", "save_every_steps", "log_every_steps")
+
+
+def train_config(args: argparse.Namespace):
+    """The `train:` section with every flag given on the command line applied over it."""
+    from jobs.common.jobargs import config_from_args
+
+    cfg = config_from_args(args)
+    overrides = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
+    try:
+        return cfg, dataclasses.replace(cfg.train, **overrides)
+    except ValueError as exc:
+        raise SystemExit(f"jobs/train.py: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cfg, tcfg = train_config(args)
+    if not tcfg.model:
+        raise SystemExit("jobs/train.py: no model; pass --model or set train.model")
+    set_single_process_defaults()
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.common import training
+
+    on_gpu = get_accelerator().device_name() != "cpu"
+    if not on_gpu:
+        skip_cpu_shm_op()
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if on_gpu:
+        get_accelerator().set_device(local_rank)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    use_bf16 = tcfg.bf16 and on_gpu  # CPU trains in fp32
+    torch.manual_seed(tcfg.seed)
+    output = Path(args.output)
+    checkpoints = output / "checkpoints"
+    started = time.monotonic()
+
+    # Phase 1: data and plan (every rank computes the same plan; nothing to communicate).
+    manifest, root = load_manifest(args.export)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or tcfg.model)
+    system_prompt = (manifest.get("config", {}).get("export") or {}).get("system_prompt")
+    questions, answers = read_pairs(manifest, root, "train", verify=not args.no_verify)
+    examples = tokenize_pairs(tokenizer, questions, answers, tcfg.max_seq_len, system_prompt)
+    del questions, answers
+    lengths = [len(e) for e in examples]
+    plan_for = partial(training.pack_batches, lengths, tcfg.micro_batch_tokens, seed=tcfg.seed,
+                       world_size=world_size)
+    first = training.plan_summary(plan_for(epoch=0), lengths)
+    accumulation = training.gradient_accumulation_steps(tcfg.pairs_per_step, first["mean_pairs_per_batch"],
+                                                        world_size)
+    per_epoch = [first["batches_per_rank"]] + [len(plan_for(epoch=e)[0]) for e in range(1, tcfg.epochs)]
+    total_steps = training.total_optimizer_steps(per_epoch, accumulation)
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    if total_steps < 1:
+        raise SystemExit(f"jobs/train.py: {len(examples)} pairs give no optimizer step with "
+                         f"{accumulation} micro-batches per step; lower --pairs-per-step")
+    if tcfg.warmup_steps >= total_steps:
+        log.warning("warm-up (%d steps) is not shorter than the run (%d steps)", tcfg.warmup_steps, total_steps)
+    log.info("data: %d pairs, %d ranks, %s; %d micro-batches per step, %d optimizer steps",
+             len(examples), world_size, {k: round(v, 3) for k, v in first.items()}, accumulation, total_steps)
+
+    # Phase 2: model and engine.
+    base = json.loads(resolve_deepspeed_config(tcfg.deepspeed_config).read_text())
+    ds_config = build_deepspeed_config(base, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                                       max_grad_norm=tcfg.max_grad_norm, accumulation=accumulation,
+                                       world_size=world_size, bf16=use_bf16)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Must stay alive while the model loads: from_pretrained then partitions as it loads.
+        ds_hf_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(tcfg.model, dtype=dtype)
+    if tcfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    model.config.use_cache = False
+    schedule = partial(training.lr_factor, total_steps=total_steps, warmup_steps=tcfg.warmup_steps,
+                       final_ratio=tcfg.final_lr / tcfg.lr)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+
+    start_micro = 0
+    if args.resume:
+        resume_dir = checkpoints if args.resume == "latest" else Path(args.resume)
+        load_path, client_state = engine.load_checkpoint(str(resume_dir))
+        if load_path is None:
+            raise SystemExit(f"jobs/train.py: no DeepSpeed checkpoint to resume from in {resume_dir}")
+        start_micro = int(client_state["micro_step"])
+        log.info("resumed from %s at optimizer step %d", load_path, start_micro // accumulation)
+
+    # Phase 3: the loop. Micro-batches run back to back across epochs.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    metrics_path = output / "metrics.jsonl"
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+    micro, window_loss, window_tokens, last_saved = 0, 0.0, 0, -1
+    step_started = time.monotonic()
+    engine.train()
+    for epoch in range(tcfg.epochs):
+        if micro >= total_steps * accumulation:
+            break
+        batches = plan_for(epoch=epoch)[rank]
+        for indices in batches:
+            if micro >= total_steps * accumulation:
+                break
+            if micro < start_micro:
+                micro += 1
+                continue
+            batch = {key: torch.tensor(value, device=engine.device)
+                     for key, value in training.pad_batch([examples[i] for i in indices], pad_id).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            lr_used = scheduler.get_last_lr()[0]  # the lr of the update engine.step() may apply now
+            engine.step()
+            micro += 1
+            window_loss += float(loss.detach())
+            window_tokens += int(batch["attention_mask"].sum())
+            if micro % accumulation:
+                continue
+            step = micro // accumulation
+            summary = torch.tensor([window_loss / accumulation, float(window_tokens)], device=engine.device)
+            dist.all_reduce(summary)
+            window_loss, window_tokens = 0.0, 0
+            if rank == 0:
+                elapsed = time.monotonic() - step_started
+                record = {"step": step, "epoch": epoch, "loss": summary[0].item() / world_size,
+                          "lr": lr_used, "tokens": int(summary[1].item()),
+                          "tokens_per_s": summary[1].item() / max(elapsed, 1e-9)}
+                with metrics_path.open("a") as out:
+                    out.write(json.dumps(record) + "\n")
+                if step % tcfg.log_every_steps == 0 or step == total_steps:
+                    log.info("step %d/%d epoch %d loss %.4f lr %.3g tokens/s %.0f", step, total_steps, epoch,
+                             record["loss"], record["lr"], record["tokens_per_s"])
+            step_started = time.monotonic()
+            if tcfg.save_every_steps and step % tcfg.save_every_steps == 0:
+                engine.save_checkpoint(str(checkpoints), tag=f"step-{step}", client_state={"micro_step": micro})
+                last_saved = step
+
+    final_step = micro // accumulation
+    if final_step != last_saved and final_step > start_micro // accumulation:
+        engine.save_checkpoint(str(checkpoints), tag=f"step-{final_step}", client_state={"micro_step": micro})
+    save_hf_checkpoint(engine, tokenizer, output / "hf", zero3=zero3, rank=rank)
+    dist.barrier()
+    result = {"steps": final_step, "total_steps": total_steps, "accumulation": accumulation,
+              "world_size": world_size, "seconds": time.monotonic() - started}
+    log.info("done: %s", result)
+    return result
+
+
+def save_hf_checkpoint(engine: Any, tokenizer: Any, directory: Path, *, zero3: bool, rank: int) -> None:
+    """config.json, model.safetensors and the tokenizer, loadable with from_pretrained."""
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # all ranks take part
+    if rank != 0:
+        return
+    model = engine.module
+    model.config.use_cache = True
+    directory.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        model.save_pretrained(directory, state_dict=state_dict)
+    else:
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    log.info("saved Hugging Face checkpoint to %s", directory)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/train.py` from a checkout
+    main()
