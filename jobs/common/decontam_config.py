@@ -36,7 +36,7 @@ class MinHashConfig:
 
     enabled: bool = True
     num_perm: int = 128
-    ngram: int = 3
+    ngram: int = 2  # word bigrams: a few edited words in a short item still leave Jaccard >= 0.5
     seed: int = 1
     threshold: float = 0.5             # Jaccard similarity the LSH is tuned for
     fp_weight: float = 0.5             # weight of false positives in the bands/rows optimum
@@ -111,6 +111,7 @@ class DecontamConfig:
     text_fields: tuple[str, ...] = ("question", "answer")  # the generated pair's texts to check
     id_field: str = "pair_id"
     excerpt_chars: int = 200
+    max_items_per_pair: int = 3  # contamination rows per (pair, field, benchmark, detector): the best
     ngram: NgramConfig = field(default_factory=NgramConfig)
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
     near_dup: NearDupConfig = field(default_factory=NearDupConfig)
@@ -118,6 +119,8 @@ class DecontamConfig:
     def __post_init__(self) -> None:
         if not self.text_fields:
             raise ValueError("text_fields must name at least one column")
+        if self.max_items_per_pair < 1:
+            raise ValueError(f"max_items_per_pair={self.max_items_per_pair} must be >= 1")
         if self.excerpt_chars < 1:
             raise ValueError(f"excerpt_chars={self.excerpt_chars} must be >= 1")
         if not (self.ngram.enabled or self.minhash.enabled):

@@ -58,4 +58,43 @@ FAILURES = register(TableSpec(
 
 # --- decontamination tables (benchmark_items, contamination, instructions) ---
 
+BENCHMARK_ITEMS = register(TableSpec(
+    name="benchmark_items",
+    schema=_schema(
+        ("benchmark", T.StringType()),
+        ("split", T.StringType()),
+        ("item_id", T.StringType()),
+        ("text", T.StringType()),
+    ),
+    key=("benchmark", "item_id"),
+    description="benchmark records to decontaminate against: the registry's text fields joined by newlines",
+))
+
+CONTAMINATION = register(TableSpec(
+    name="contamination",
+    schema=_schema(
+        ("pair_id", T.StringType()),
+        ("field", T.StringType()),
+        ("benchmark", T.StringType()),
+        ("item_id", T.StringType()),
+        ("detector", T.StringType()),
+        ("score", T.DoubleType()),
+        ("excerpt", T.StringType()),
+    ),
+    key=("pair_id", "field", "benchmark", "item_id", "detector"),
+    description="why a generated pair was removed: detector ngram|minhash against a benchmark item, "
+                "or near_duplicate (benchmark 'self', item_id = the pair kept)",
+))
+
+INSTRUCTIONS = register(TableSpec(
+    name="instructions",
+    schema=_schema(  # the input pairs' columns, kept as they are; align with `answers` when wired
+        ("pair_id", T.StringType()),
+        ("question", T.StringType()),
+        ("answer", T.StringType()),
+    ),
+    key=("pair_id",),
+    description="the clean generated pairs: every input column of the pairs without a contamination row",
+))
+
 # --- export tables ---
