@@ -23,8 +23,13 @@ class EmbeddedEndpointConfig:
     def __post_init__(self) -> None:
         if self.n_ctx < 512:
             raise ValueError(f"n_ctx={self.n_ctx} is below 512")
-        if self.n_threads < 1 or self.servers < 1:
-            raise ValueError("n_threads and servers must be >= 1")
+        for name in ("n_threads", "servers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be > 0")
+        if self.repeat_penalty <= 0:
+            raise ValueError(f"repeat_penalty={self.repeat_penalty} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class LLMConfig:
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     api_version: str | None = None  # Azure OpenAI only
+    azure_deployment: str | None = None  # Azure OpenAI only; None: the stage's model names the deployment
     timeout_s: float = 120.0
     max_in_flight_per_task: int = 32
     requests_per_minute: int | None = None  # cluster-wide, split across concurrently running tasks
@@ -55,6 +61,10 @@ class LLMConfig:
             raise ValueError(f"max_in_flight_per_task={self.max_in_flight_per_task} must be >= 1")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts={self.max_attempts} must be >= 1")
+        if self.backoff_initial_s <= 0:
+            raise ValueError(f"backoff_initial_s={self.backoff_initial_s} must be > 0")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(f"backoff_max_s={self.backoff_max_s} must be >= backoff_initial_s={self.backoff_initial_s}")
         for name in ("requests_per_minute", "tokens_per_minute"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -80,3 +90,5 @@ class StageLLMConfig:
             raise ValueError(f"top_p={self.top_p} is outside (0, 1]")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0 or null")

@@ -1,0 +1,149 @@
+"""pandas UDFs that call the LLM: one client per task, a whole Arrow batch in flight at once.
+
+    ask = llm_udf("subjects_list", cfg.llm, cfg.subjects.llm, concurrent_tasks=concurrent_tasks(todo))
+    out = todo.withColumn("_out", ask("discipline", F.col("n").alias("num_subjects"), seed="sample_index"))
+    out.select("discipline_id", F.col("_out.parsed"), F.col("_out.error_class"), ...)
+
+The columns given to the returned function become the template's variables (by column name, so
+alias expressions). The result column is an LLM_RESULT struct; a failed row has `error_class` set
+and never fails the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pandas as pd
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    BooleanType,
+    DoubleType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+)
+
+from udfs.client import RESULT_FIELDS, CallSpec, LLMClient, LLMRequest
+from udfs.llm_config import LLMConfig, StageLLMConfig
+from udfs.prompts import Prompt, load_prompt
+from udfs.schemas import schema_for
+
+log = logging.getLogger("glan.llm")
+
+LLM_RESULT = StructType([
+    StructField("text", StringType()),
+    StructField("parsed", StringType()),  # JSON string of the validated value; null for free text
+    StructField("error_class", StringType()),  # null on success
+    StructField("error_message", StringType()),
+    StructField("attempts", IntegerType()),
+    StructField("repaired", BooleanType()),
+    StructField("prompt_tokens", LongType()),
+    StructField("completion_tokens", LongType()),
+    StructField("cached_tokens", LongType()),
+    StructField("latency_s", DoubleType()),
+    StructField("model", StringType()),
+    StructField("finish_reason", StringType()),
+    StructField("seed", LongType()),
+    StructField("prompt_name", StringType()),
+    StructField("prompt_version", StringType()),
+])
+assert tuple(LLM_RESULT.fieldNames()) == RESULT_FIELDS
+
+SEED_FIELD = "_seed"
+_FROM_REGISTRY: Any = object()
+
+
+def concurrent_tasks(df: DataFrame) -> int:
+    """How many tasks of a stage over `df` run at once: min(partitions, default parallelism).
+    The RPM/TPM budgets are divided by this, so give the DataFrame the UDF will run on."""
+    partitions = df.rdd.getNumPartitions()
+    return max(1, min(partitions, df.sparkSession.sparkContext.defaultParallelism))
+
+
+def results_frame(results: list[dict[str, Any]]) -> pd.DataFrame:
+    """Client results as a pandas frame that Arrow converts to LLM_RESULT without guessing."""
+    frame = pd.DataFrame.from_records(results, columns=list(RESULT_FIELDS))
+    frame["seed"] = frame["seed"].astype("Int64")  # nullable: no NaN floats in a long column
+    for name in ("attempts", "prompt_tokens", "completion_tokens", "cached_tokens"):
+        frame[name] = frame[name].astype("int64")
+    frame["repaired"] = frame["repaired"].astype(bool)
+    frame["latency_s"] = frame["latency_s"].astype("float64")
+    return frame
+
+
+def build_requests(prompt: Prompt, records: list[dict[str, Any]]) -> list[LLMRequest | BaseException]:
+    """One request per row; a row whose template fails to render (a missing variable) gets the
+    exception in its place, which the client turns into that row's `prompt_error`."""
+    requests: list[LLMRequest | BaseException] = []
+    for record in records:
+        variables = dict(record)
+        seed = variables.pop(SEED_FIELD, None)
+        try:
+            seed = None if seed is None or pd.isna(seed) else int(seed)
+            requests.append(LLMRequest(messages=prompt.render(**variables), seed=seed))
+        except Exception as exc:  # the row fails, the batch goes on
+            requests.append(exc)
+    return requests
+
+
+def _pick(urls: list[str]) -> str | None:
+    """This task's endpoint among several: round-robin by partition id."""
+    if not urls:
+        return None
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    return urls[(context.partitionId() if context is not None else 0) % len(urls)]
+
+
+def llm_udf(
+    prompt: str | Prompt,
+    llm: LLMConfig,
+    stage: StageLLMConfig,
+    *,
+    schema: dict[str, Any] | None = _FROM_REGISTRY,
+    concurrent_tasks: int = 1,
+    base_url: str | Sequence[str] | None = None,
+) -> Callable[..., Column]:
+    """A function `(*columns, seed=None) -> Column` that calls the LLM once per row.
+
+    `prompt` is a Prompt or the name of `prompts/<name>.j2`; `schema` defaults to the call's entry
+    in udfs/schemas.py (None: free text). Templates and schema are read here, on the driver, and
+    shipped in the closure; the API key is not (the client reads it inside the task).
+    `base_url` overrides llm.base_url: the embedded endpoint's address, or a list of addresses
+    (several embedded servers), one per task by partition id.
+    """
+    template = prompt if isinstance(prompt, Prompt) else load_prompt(prompt)
+    if schema is _FROM_REGISTRY:
+        schema = schema_for(template.name)
+    spec = CallSpec(
+        prompt=template, stage=stage, schema=schema,
+        repair_prompt=load_prompt("repair") if schema is not None else None,
+    )
+    tasks = max(1, concurrent_tasks)
+    urls = [base_url] if isinstance(base_url, str) else list(base_url or [])
+
+    @F.pandas_udf(LLM_RESULT)  # type: ignore[call-overload]
+    def call_llm(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        client = LLMClient(llm, concurrent_tasks=tasks, base_url=_pick(urls))
+        try:
+            for batch in batches:
+                requests = build_requests(spec.prompt, batch.to_dict("records"))
+                yield results_frame(client.run(spec, requests))
+        finally:
+            client.close()
+
+    def apply(*columns: str | Column, seed: str | Column | None = None) -> Column:
+        if not columns:
+            raise ValueError(f"llm_udf({template.name!r}) needs at least one input column")
+        fields = [F.col(c) if isinstance(c, str) else c for c in columns]
+        if seed is not None:
+            fields.append((F.col(seed) if isinstance(seed, str) else seed).cast("long").alias(SEED_FIELD))
+        return call_llm(F.struct(*fields))
+
+    return apply
