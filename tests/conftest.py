@@ -24,3 +24,4 @@ def spark(spark_root) -> Iterator:
     session = get_spark("glan-tests", master="local[2]", shuffle_partitions=2, run_root=str(spark_root))
     yield session
     session.stop()
+pytest_plugins = ["tests.fake_llm_fixture"]

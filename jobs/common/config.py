@@ -8,6 +8,7 @@ the key and the file (or `--set`) it came from. Each section's dataclass checks 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import types
 import typing
@@ -21,7 +22,15 @@ import yaml
 
 from jobs.common.errors import ConfigError
 from jobs.common.decontam_config import DecontamConfig
+from jobs.common.combinations import CombinationsConfig
 from jobs.common.export_config import ExportConfig, TrainConfig
+from jobs.common.stage_config import (
+    AnswersConfig,
+    PipelineConfig,
+    QuestionsConfig,
+    SubjectsConfig,
+    SyllabusConfig,
+)
 from jobs.common.taxonomy import TaxonomyConfig
 from udfs.llm_config import LLMConfig
 
@@ -65,7 +74,13 @@ class GlanConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
+    subjects: SubjectsConfig = field(default_factory=SubjectsConfig)
+    syllabus: SyllabusConfig = field(default_factory=SyllabusConfig)
+    combinations: CombinationsConfig = field(default_factory=CombinationsConfig)
+    questions: QuestionsConfig = field(default_factory=QuestionsConfig)
+    answers: AnswersConfig = field(default_factory=AnswersConfig)
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -230,8 +245,8 @@ def _coerce(value: Any, tp: Any, key: str, origin: dict[str, str]) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-        if source == "--set" and isinstance(value, (int, float, bool)):
-            return str(value)  # `--set run_root=2024` means the string
+        if source == "--set" and isinstance(value, (int, float, bool, datetime.date)):
+            return str(value)  # `--set run_root=2024` or `--set llm.api_version=2024-06-01` mean the string
     raise ConfigError(f"{source}: {key} must be a {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
@@ -242,8 +257,17 @@ def _build(cls: type, data: dict[str, Any], origin: dict[str, str], prefix: str 
         if key not in fields:
             dotted = f"{prefix}{key}"
             raise ConfigError(f"{_where(origin, dotted)}: unknown key '{dotted}'")
-    kwargs = {name: _coerce(data[name], hints[name], f"{prefix}{name}", origin)
-              for name in fields if name in data}
+    kwargs = {}
+    for name in fields:
+        if name not in data:
+            continue
+        value = data[name]
+        default = _default_of(fields[name])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # A partial section keeps this field's own defaults (answers.llm is T 0.7, not the
+            # StageLLMConfig class default), not those of the section's class.
+            value = _merge_defaults(dataclasses.asdict(default), value)
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}", origin)
     try:
         return cls(**kwargs)
     except ValueError as exc:
@@ -253,6 +277,24 @@ def _build(cls: type, data: dict[str, Any], origin: dict[str, str], prefix: str 
         field_name = re.split(r"[\s=]", message, maxsplit=1)[0]
         key = f"{prefix}{field_name}" if field_name in fields else prefix.rstrip(".")
         raise ConfigError(f"{_where(origin, key)}: {prefix}{message}") from None
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _merge_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(defaults)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_defaults(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def load_config(conf_files: list[str] | tuple[str, ...] = (), sets: list[str] | tuple[str, ...] = ()) -> GlanConfig:

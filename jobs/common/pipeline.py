@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 
 from jobs.common.config import GlanConfig
 from jobs.common.errors import ConfigError
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 # (stage name, job module), in the order GLAN runs them (DESIGN.md, "Data flow").
 STAGES: list[tuple[str, str]] = [
     ("taxonomy", "jobs.taxonomy"),
+    ("subjects", "jobs.subjects"),
+    ("syllabus", "jobs.syllabus"),
+    ("combinations", "jobs.combinations"),
+    ("questions", "jobs.questions"),
+    ("answers", "jobs.answers"),
 ]
 
 
@@ -61,10 +67,32 @@ def run_pipeline(cfg: GlanConfig, stages: list[str] | None = None, disciplines: 
 
 
 def _start_endpoint(stack: ExitStack, cfg: GlanConfig, chosen: list[tuple[str, str]]) -> GlanConfig:
-    """For `llm.endpoint: embedded`, start the local llama.cpp server for the whole run."""
+    """For `llm.endpoint: embedded`, start the local llama.cpp server(s) for the whole run; they
+    stop when the run ends, also on Ctrl-C or an error."""
     needs_llm = any(getattr(importlib.import_module(m), "USES_LLM", False) for _, m in chosen)
     if not needs_llm or cfg.llm.endpoint != "embedded":
         return cfg
     from udfs.embedded import embedded_endpoint
 
-    return stack.enter_context(embedded_endpoint(cfg))
+    endpoint = stack.enter_context(embedded_endpoint(cfg.llm.embedded))
+    print(f"embedded endpoint: SmolLM2 on {', '.join(endpoint.base_urls)}", file=sys.stderr, flush=True)
+    return replace(cfg, llm=replace(cfg.llm, base_url=endpoint.base_url))
+
+
+def stage_main(name: str, argv: list[str] | None = None) -> int:
+    """The spark-submit entry point of one stage: `jobs/<stage>.py --conf ... [--disciplines ...]`."""
+    import argparse
+
+    from jobs.common.cli import _run_guarded
+    from jobs.common.jobargs import add_config_args, config_from_args
+
+    parser = add_config_args(argparse.ArgumentParser(prog=f"jobs/{name}.py"))
+    parser.add_argument("--disciplines", help='limit to these disciplines, e.g. "Mathematics,Physics"')
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def run() -> int:
+        cfg = config_from_args(args)
+        disciplines = [d.strip() for d in args.disciplines.split(",") if d.strip()] if args.disciplines else None
+        return run_pipeline(cfg, stages=[name], disciplines=disciplines)
+
+    return _run_guarded(run)

@@ -162,6 +162,16 @@ class Storage(ABC):
                     names.append(entry.base_name)
         return sorted(names)
 
+    def read_or_empty(self, name: str) -> DataFrame:
+        """The table, or no rows in its declared schema when it does not exist yet (a stage whose
+        every call failed leaves no table behind; the next stage then simply has nothing to do)."""
+        if self.exists(name):
+            return self.read(name)
+        spec = spec_for(name)
+        if spec is None:
+            raise TableNotFoundError(f"table '{name}' does not exist under {self.cfg.run_root}")
+        return self.spark.createDataFrame([], spec.schema)
+
     def missing_rows(self, df: DataFrame, name: str, key: str | Sequence[str]) -> DataFrame:
         """Rows of `df` whose key is not in table `name` yet: the work a resumed stage still has."""
         if not self.exists(name):
@@ -320,7 +330,7 @@ class EmbeddedDeltaStorage(Storage):
             # Duplicates inside this batch are found from key hashes the tasks send back, not by a
             # shuffle of the rows (which would cost more than the write itself).
             df = df.withColumn(KEY_HASH, F.xxhash64(*keys))
-        arrow_schema = to_arrow_schema(schema)
+        arrow_schema = to_arrow_schema(schema, timezone="UTC")
         uri = self.uri(name)
         write_id = uuid.uuid4().hex[:16]
         fs, root = pafs.FileSystem.from_uri(uri)
@@ -376,7 +386,7 @@ class EmbeddedDeltaStorage(Storage):
                              **({"glan.note": operation_note} if operation_note else {})},
             max_commit_retries=0,  # a concurrent commit must come back to us: we check keys ourselves
         )
-        arrow_schema = to_arrow_schema(staged.schema)
+        arrow_schema = to_arrow_schema(staged.schema, timezone="UTC")
         dt = self._table(staged.name)
         if dt is None:
             create_table_with_add_actions(staged.uri, Schema.from_arrow(arrow_schema), actions,

@@ -201,7 +201,8 @@ def parse_discipline_list(text: str | None) -> tuple[str, ...]:
 def load_taxonomy(path: str | Path) -> Taxonomy:
     """Read and validate a taxonomy file; any problem is an `InputError` naming the node's path."""
     source = str(path)
-    data = _read_yaml(Path(path), source)
+    # A packaged file may live inside the --py-files zip: read it through its own read_text.
+    data = _read_yaml(path if hasattr(path, "read_text") else Path(path), source)
     raw = _parse_tree(data, source, review=False)
     return _build(raw, source)
 

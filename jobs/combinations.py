@@ -1,0 +1,80 @@
+"""GLAN step 4 (sampling): concept combinations. Reads `sessions`; writes `concept_combinations`.
+
+Both strategies of the paper: basic (1-5 key concepts of one class session) and challenging (2-5
+concepts from two sessions, both contributing). Seeded and deterministic per syllabus, never the
+same combination twice; raising `combinations.questions_per_syllabus` later only adds new ones.
+The exact number of possible combinations of each kind is stored with every row. No LLM calls.
+Run: spark-submit jobs/combinations.py --conf conf/local.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs.common.combinations import CombinationsConfig, combination_id
+from jobs.common.config import GlanConfig
+from jobs.common.llmstage import selected_disciplines
+from jobs.common.storage import get_storage
+from jobs.common.tables import CONCEPT_COMBINATIONS
+
+USES_LLM = False
+
+
+def combinations_for_syllabus(sessions: pd.DataFrame, cc: CombinationsConfig) -> pd.DataFrame:
+    """All combinations of one syllabus (its sessions' rows, any order) as output rows."""
+    sessions = sessions.sort_values("session_index")
+    syllabus_id = sessions["syllabus_id"].iloc[0]
+    discipline_id = sessions["discipline_id"].iloc[0]
+    concepts = [list(c) if c is not None else [] for c in sessions["key_concepts"]]
+    names = list(sessions["session_name"])
+    indices = [int(i) for i in sessions["session_index"]]
+    counts = cc.count(concepts)
+    rows = []
+    for combo in cc.sample(concepts, syllabus_id):
+        rows.append({
+            "combination_id": combination_id(syllabus_id, combo),
+            "syllabus_id": syllabus_id,
+            "discipline_id": discipline_id,
+            "combination_index": combo.index,
+            "strategy": combo.strategy,
+            "session_indices": [indices[s] for s in combo.sessions],
+            "session_names": [names[s] for s in combo.sessions],
+            "concepts": [c for group in combo.concept_names(concepts) for c in group],
+            "learned_up_to": indices[combo.learned_up_to],
+            "learned_up_to_name": names[combo.learned_up_to],
+            "num_possible_basic": counts.basic,
+            "num_possible_challenging": counts.challenging,
+        })
+    return pd.DataFrame(rows, columns=CONCEPT_COMBINATIONS.schema.fieldNames())
+
+
+def build_combinations(sessions: DataFrame, cc: CombinationsConfig) -> DataFrame:
+    def per_syllabus(frame: pd.DataFrame) -> pd.DataFrame:
+        return combinations_for_syllabus(frame, cc)
+
+    return (sessions.select("syllabus_id", "discipline_id", "session_index", "session_name", "key_concepts")
+            .groupBy("syllabus_id").applyInPandas(per_syllabus, CONCEPT_COMBINATIONS.schema))
+
+
+def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | None = None) -> dict:
+    storage = get_storage(spark, cfg)
+    chosen = selected_disciplines(spark, cfg, disciplines).select("discipline_id")
+    sessions = storage.read_or_empty("sessions").join(chosen, "discipline_id", "inner")
+    result = storage.append_missing(build_combinations(sessions, cfg.combinations), "concept_combinations",
+                                    "combination_id")
+    return {"combinations_written": result.rows_written}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.common.pipeline import stage_main
+
+    return stage_main("combinations", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

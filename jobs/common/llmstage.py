@@ -1,0 +1,192 @@
+"""What every LLM stage does the same way: cut the work into tasks and commits, call the LLM once
+per row, write the answers, and keep the `failures` table true.
+
+A stage hands `run_llm_step` its to-do rows (input keys minus output keys), the prompt and the
+columns the prompt reads, and a function that turns successful rows into output rows. The work is
+split into chunks of about `pipeline.commit_every_rows` rows; each chunk is one Spark job whose
+successful rows are committed to the output table before the next chunk starts, so a killed run
+loses at most one chunk of calls and a rerun pays only for what was not committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from jobs.common.config import GlanConfig
+from jobs.common.storage import append_missing, get_storage, overwrite
+from jobs.common.tables import FAILURES
+from udfs.llm_config import StageLLMConfig
+from udfs.llm_udf import concurrent_tasks, llm_udf
+
+log = logging.getLogger(__name__)
+
+RESULT = "_out"
+_CHUNK = "_chunk"
+_SALT = "_salt"
+
+
+def stable_id(*columns: str | Column, length: int = 16) -> Column:
+    """A deterministic id from input columns: the first `length` hex digits of their SHA-256.
+    Same inputs, same id, on every run and every machine (DESIGN.md, "Keys")."""
+    parts = [F.coalesce((F.col(c) if isinstance(c, str) else c).cast("string"), F.lit("\u2400")) for c in columns]
+    return F.substring(F.sha2(F.concat_ws("\u241f", *parts), 256), 1, length)
+
+
+def usage_columns(stage_llm: StageLLMConfig) -> list[Column]:
+    """The tables.USAGE_FIELDS of one call, from its result struct and the stage's settings."""
+    out = F.col(RESULT)
+    return [
+        out["model"].alias("model"),
+        out["prompt_name"].alias("prompt_name"),
+        out["prompt_version"].alias("prompt_version"),
+        F.lit(float(stage_llm.temperature)).alias("temperature"),
+        F.lit(float(stage_llm.top_p)).alias("top_p"),
+        out["prompt_tokens"].alias("prompt_tokens"),
+        out["completion_tokens"].alias("completion_tokens"),
+        out["cached_tokens"].alias("cached_tokens"),
+        out["latency_s"].alias("latency_s"),
+        out["attempts"].alias("attempts"),
+        F.current_timestamp().alias("created_at"),
+    ]
+
+
+def _is_failure(out: Column) -> Column:
+    """A call failed when the client says so, or when a free-text answer is empty: an empty row
+    written as a success would never be asked again."""
+    empty_text = out["parsed"].isNull() & (F.coalesce(F.length(F.trim(out["text"])), F.lit(0)) == 0)
+    return out["error_class"].isNotNull() | empty_text
+
+
+@dataclass
+class StepResult:
+    rows_in: int = 0
+    rows_written: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+
+    def figures(self, prefix: str) -> dict[str, int | float]:
+        return {f"{prefix}_todo": self.rows_in, f"{prefix}_written": self.rows_written,
+                f"{prefix}_failed": self.failures}
+
+
+def plan_partitions(todo: DataFrame, key: str, cfg: GlanConfig) -> DataFrame:
+    """Partition by discipline, and split a large discipline over several tasks so that no single
+    task holds the run back: salt = hash(key) mod ceil(rows of the largest discipline / rows_per_task)."""
+    per_discipline = todo.groupBy("discipline_id").count().collect()
+    if not per_discipline:
+        return todo
+    largest = max(r["count"] for r in per_discipline)
+    total = sum(r["count"] for r in per_discipline)
+    splits = max(1, math.ceil(largest / cfg.pipeline.rows_per_task))
+    tasks = min(cfg.pipeline.max_tasks, max(1, math.ceil(total / cfg.pipeline.rows_per_task)),
+                len(per_discipline) * splits)
+    salted = todo.withColumn(_SALT, F.pmod(F.xxhash64(key), F.lit(splits)))
+    return salted.repartition(tasks, "discipline_id", _SALT).drop(_SALT)
+
+
+def run_llm_step(
+    todo: DataFrame,
+    *,
+    stage: str,
+    prompt: str,
+    stage_llm: StageLLMConfig,
+    inputs: Sequence[str | Column],
+    key: str,
+    output: str,
+    output_key: str,
+    to_output: Callable[[DataFrame], DataFrame],
+    cfg: GlanConfig,
+    schema: dict | None | object = ...,
+    seed: str | Column | None = None,
+    sort_within: Sequence[str] = (),
+) -> StepResult:
+    """Call `prompt` for every row of `todo` and append the successes to `output`.
+
+    `to_output` gets the successful rows (with the result struct in column `_out`) and returns
+    rows in the output table's schema. Rows whose call failed go to `failures` (stage, key); rows
+    that succeed leave it.
+    """
+    started = time.monotonic()
+    result = StepResult()
+    rows = todo.count()
+    result.rows_in = rows
+    if rows == 0:
+        return result
+    chunks = max(1, math.ceil(rows / cfg.pipeline.commit_every_rows))
+    chunked = todo.withColumn(_CHUNK, F.pmod(F.xxhash64(key, F.lit("chunk")), F.lit(chunks)))
+    kwargs = {} if schema is ... else {"schema": schema}
+    for index in range(chunks):
+        part = plan_partitions(chunked.filter(F.col(_CHUNK) == index).drop(_CHUNK), key, cfg)
+        if sort_within:
+            part = part.sortWithinPartitions(*sort_within)  # e.g. one subject's questions together
+        ask = llm_udf(prompt, cfg.llm, stage_llm, concurrent_tasks=concurrent_tasks(part),
+                      base_url=cfg.llm.base_url, **kwargs)
+        called = part.withColumn(RESULT, ask(*inputs, seed=seed))
+        # Materialised once: the LLM is called here and nowhere else; both writes below read it.
+        called = called.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            called.count()
+            failed_now = _is_failure(F.col(RESULT))
+            ok = called.filter(~failed_now)
+            failed = called.filter(failed_now).withColumn(RESULT, F.col(RESULT).withField(
+                "error_class", F.coalesce(F.col(RESULT)["error_class"], F.lit("empty"))).withField(
+                "error_message", F.coalesce(F.col(RESULT)["error_message"], F.lit("the model returned no text"))))
+            written = append_missing(to_output(ok), output, output_key, cfg)
+            result.rows_written += written.rows_written
+            result.failures += _update_failures(todo.sparkSession, stage, key, called, failed, cfg)
+        finally:
+            called.unpersist()
+        log.info("%s: chunk %d/%d committed (%d rows so far)", stage, index + 1, chunks, result.rows_written)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: DataFrame, cfg: GlanConfig) -> int:
+    """Replace this stage's failures for the keys just called: failed ones in, succeeded ones out."""
+    storage = get_storage(spark, cfg)
+    exists = storage.exists("failures")
+    new = failed.select(
+        stable_id(F.lit(stage), F.col(key)).alias("failure_id"),
+        F.lit(stage).alias("stage"),
+        F.col(key).cast("string").alias("row_key"),
+        F.col(RESULT)["error_class"].alias("error_class"),
+        F.col(RESULT)["error_message"].alias("error_message"),
+        F.col(RESULT)["attempts"].alias("attempts"),
+        F.current_timestamp().alias("failed_at"),
+    ).collect()
+    if not exists and not new:
+        return 0
+    schema = FAILURES.schema
+    if exists:
+        called_keys = {r[0] for r in called.select(F.col(key).cast("string")).collect()}
+        before = storage.read("failures").collect()
+        kept = [r for r in before if not (r["stage"] == stage and r["row_key"] in called_keys)]
+        if len(kept) == len(before) and not new:
+            return 0
+    else:
+        kept = []
+    # The failures table is small (a row per failed call), so it is rebuilt on the driver.
+    overwrite(spark.createDataFrame([tuple(r) for r in kept] + [tuple(r) for r in new], schema), "failures", cfg)
+    for row in new[:5]:
+        log.warning("%s: %s failed: %s: %s", stage, row["row_key"], row["error_class"], (row["error_message"] or "")[:200])
+    return len(new)
+
+
+def selected_disciplines(spark, cfg: GlanConfig, disciplines: Sequence[str] | None) -> DataFrame:
+    """The `taxonomy` rows this run works on: --disciplines, else taxonomy.disciplines, else all."""
+    from jobs.common.taxonomy import load_taxonomy
+
+    taxonomy = get_storage(spark, cfg).read_or_empty("taxonomy")
+    names = list(disciplines or cfg.taxonomy.disciplines)
+    if not names:
+        return taxonomy
+    ids = [row.discipline_id for row in load_taxonomy(cfg.taxonomy.path()).select(names).disciplines()]
+    return taxonomy.filter(F.col("discipline_id").isin(ids))

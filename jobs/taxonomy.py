@@ -1,0 +1,142 @@
+"""GLAN step 1: the taxonomy. Reads `taxonomy.file` (conf/taxonomy.yaml), writes table `taxonomy`.
+
+Run:   spark-submit jobs/taxonomy.py --conf conf/local.yaml
+Also:  glan taxonomy validate [--file F]
+       glan taxonomy propose --out review.yaml     (the LLM proposes nodes; a human marks keep/remove)
+       glan taxonomy apply review1.yaml [review2.yaml ...] [--out conf/taxonomy.yaml]   (majority vote)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from jobs.common.config import GlanConfig
+from jobs.common.jobargs import add_config_args, config_from_args
+from jobs.common.taxonomy import (
+    PROPOSE_PROMPT,
+    PROPOSE_SCHEMA,
+    Taxonomy,
+    apply_reviews,
+    dump_taxonomy,
+    load_taxonomy,
+    propose_taxonomy,
+    review_candidates,
+    write_review_file,
+)
+from jobs.common.tables import TAXONOMY
+
+USES_LLM = False
+
+
+def taxonomy_rows(taxonomy: Taxonomy) -> list[tuple]:
+    columns = TAXONOMY.schema.fieldNames()
+    return [tuple(getattr(row, c) for c in columns) for row in taxonomy.disciplines()]
+
+
+def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | None = None) -> dict:
+    """Load and validate the taxonomy file; rewrite the table only when the file changed.
+
+    The table always holds the whole taxonomy: `--disciplines` limits what later stages expand,
+    not what the taxonomy is."""
+    from jobs.common.storage import get_storage
+
+    taxonomy = load_taxonomy(cfg.taxonomy.path())
+    for names in (disciplines, cfg.taxonomy.disciplines):
+        if names:
+            taxonomy.select(names)  # unknown names are an error now, before any LLM call
+    rows = taxonomy_rows(taxonomy)
+    storage = get_storage(spark, cfg)
+    if storage.exists("taxonomy"):
+        current = {tuple(r) for r in storage.read("taxonomy").collect()}
+        if current == set(rows):
+            return {"disciplines": len(rows), "changed": 0}
+    storage.overwrite(spark.createDataFrame(rows, TAXONOMY.schema), "taxonomy")
+    return {"disciplines": len(rows), "changed": 1}
+
+
+def _propose(cfg: GlanConfig, out: Path, field_names: list[str]) -> int:
+    from dataclasses import replace
+
+    from udfs.client import CallSpec, LLMClient, LLMRequest
+    from udfs.llm_config import StageLLMConfig
+    from udfs.prompts import load_prompt
+
+    stage = StageLLMConfig(model=cfg.subjects.llm.model, temperature=1.0, top_p=0.95, max_tokens=4096)
+    spec = CallSpec(prompt=load_prompt(PROPOSE_PROMPT), stage=stage, schema=PROPOSE_SCHEMA,
+                    repair_prompt=load_prompt("repair"))
+    with ExitStack() as stack:
+        if cfg.llm.endpoint == "embedded":
+            from udfs.embedded import embedded_endpoint
+
+            endpoint = stack.enter_context(embedded_endpoint(cfg.llm.embedded))
+            cfg = replace(cfg, llm=replace(cfg.llm, base_url=endpoint.base_url))
+        client = stack.enter_context(LLMClient(cfg.llm, base_url=cfg.llm.base_url))
+        calls = {"n": 0}
+
+        def call_llm(prompt_text: str, _name: str):
+            calls["n"] += 1
+            result = client.run(spec, [LLMRequest(messages=[{"role": "user", "content": prompt_text}],
+                                                  seed=calls["n"])])[0]
+            if result["error_class"]:
+                print(f"taxonomy propose: call {calls['n']} failed: {result['error_class']}: "
+                      f"{result['error_message']}", file=sys.stderr)
+                return None
+            return json.loads(result["parsed"])
+
+        candidates = propose_taxonomy(cfg.taxonomy.propose_instructions, call_llm,
+                                      proposals_per_instruction=cfg.taxonomy.proposals_per_instruction,
+                                      field_names=field_names)
+    current = load_taxonomy(cfg.taxonomy.path())
+    write_review_file(review_candidates(current, candidates), out)
+    print(f"wrote {out}: mark each node keep or remove, then: glan taxonomy apply {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="glan taxonomy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="action")
+    add_config_args(sub.add_parser("load", help="validate the taxonomy file and write the taxonomy table"))
+    validate = add_config_args(sub.add_parser("validate", help="check a taxonomy file; errors name the node path"))
+    validate.add_argument("--file", help="taxonomy YAML (default: taxonomy.file)")
+    propose = add_config_args(sub.add_parser("propose", help="ask the LLM for candidate nodes; write a review file"))
+    propose.add_argument("--out", default="taxonomy_review.yaml")
+    propose.add_argument("--fields", default="", help="comma-separated top-level fields to keep proposals under")
+    apply = add_config_args(sub.add_parser("apply", help="apply review files (majority vote) to the taxonomy"))
+    apply.add_argument("reviews", nargs="+")
+    apply.add_argument("--out", help="where to write the new taxonomy (default: print it)")
+    # spark-submit jobs/taxonomy.py --conf ...: the stage itself
+    if not argv or argv[0].startswith("-"):
+        argv = ["load", *argv]
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if args.action == "validate":
+        taxonomy = load_taxonomy(args.file or cfg.taxonomy.path())
+        fields = {row.field for row in taxonomy.disciplines()}
+        print(f"ok: {len(fields)} fields, {len(taxonomy.disciplines())} disciplines")
+        return 0
+    if args.action == "propose":
+        return _propose(cfg, Path(args.out), [f.strip() for f in args.fields.split(",") if f.strip()])
+    if args.action == "apply":
+        result = apply_reviews(load_taxonomy(cfg.taxonomy.path()), args.reviews)
+        text = dump_taxonomy(result, args.out)
+        if args.out:
+            print(f"wrote {args.out}: {len(result.disciplines())} disciplines")
+        else:
+            print(text)
+        return 0
+    from jobs.common.spark import get_spark
+
+    spark = get_spark("glan-taxonomy", master=cfg.spark.master, run_root=cfg.run_root)
+    print(json.dumps(run_stage(spark, cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

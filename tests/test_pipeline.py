@@ -1,0 +1,197 @@
+"""The GLAN pipeline end to end against the loopback test server (no real LLM)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+from pyspark.sql import functions as F
+
+from jobs.common.combinations import count_basic, count_challenging
+from jobs.common.config import load_config
+from jobs.common.pipeline import run_pipeline
+from jobs.common.storage import read_table
+
+pytest_plugins = ["tests.fake_llm_fixture"]
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = 10
+
+TAXONOMY = """
+fields:
+  - name: Academic-Formal Science
+    sub_fields:
+      - name: Mathematics and logic
+        disciplines:
+          - name: Mathematics
+          - name: Logic
+"""
+NEW_DISCIPLINE = "          - name: Systems science\n"
+
+
+def settings(run_root: Path, taxonomy: Path, url: str, **extra: object) -> list[str]:
+    values = {
+        "run_root": run_root, "storage.backend": "embedded", "taxonomy.file": taxonomy,
+        "llm.endpoint": "openai", "llm.base_url": url, "llm.api_key_env": "GLAN_TEST_KEY",
+        "llm.max_attempts": 2, "llm.backoff_initial_s": 0.05, "llm.backoff_max_s": 0.2,
+        "subjects.max_subjects_per_sample": 2, "syllabus.max_sessions": 3,
+        "syllabus.max_concepts_per_session": 3, "combinations.questions_per_syllabus": 2,
+        "pipeline.rows_per_task": 16, "pipeline.commit_every_rows": 1000,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def make_cfg(tmp_path: Path, url: str, name: str = "run", **extra: object):
+    taxonomy = tmp_path / "taxonomy.yaml"
+    if not taxonomy.exists():
+        taxonomy.write_text(TAXONOMY)
+    return load_config([], settings(tmp_path / name, taxonomy, url, **extra))
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch):
+    monkeypatch.setenv("GLAN_TEST_KEY", "sk-test-key")
+
+
+def table(spark, name, cfg):
+    return read_table(spark, name, cfg)
+
+
+def test_end_to_end_rows_calls_lineage_and_resume(spark, fake_llm, tmp_path):
+    cfg = make_cfg(tmp_path, fake_llm.url)
+    assert run_pipeline(cfg) == 0
+
+    # GLAN step 2: ten subject-list calls and ten conversions per discipline.
+    assert fake_llm.count(kind="subjects_list") == SAMPLES * 2
+    assert fake_llm.count(kind="subjects_convert") == SAMPLES * 2
+    subjects = table(spark, "subjects", cfg)
+    assert subjects.count() > 0
+    assert subjects.filter("num_samples < 1").count() == 0
+    # Step 3: exactly one syllabus call (and one extraction) per unique subject.
+    assert fake_llm.count(kind="syllabus") == subjects.count() == table(spark, "syllabi", cfg).count()
+    assert fake_llm.count(kind="syllabus_extract") == subjects.count()
+    # Step 4: no combination twice for one syllabus; counts stored and equal to the formulas.
+    combos = table(spark, "concept_combinations", cfg)
+    keyed = combos.select("syllabus_id", F.array_sort("concepts").alias("c"), "session_indices")
+    assert keyed.distinct().count() == combos.count() == combos.select("combination_id").distinct().count()
+    sessions = table(spark, "sessions", cfg).groupBy("syllabus_id").agg(F.collect_list("num_concepts").alias("m"))
+    for row in sessions.join(combos.select("syllabus_id", "num_possible_basic", "num_possible_challenging")
+                             .distinct(), "syllabus_id").collect():
+        sizes = [m for m in row["m"] if m > 0]
+        assert row["num_possible_basic"] == sum(count_basic(m) for m in sizes)
+        assert row["num_possible_challenging"] == sum(count_challenging(a, b)
+                                                      for a, b in itertools.combinations(sizes, 2))
+    # Steps 4-5: one question per combination, one answer per question, every lineage joins.
+    answers = table(spark, "answers", cfg)
+    assert fake_llm.count(kind="question") == combos.count() == table(spark, "questions", cfg).count()
+    assert fake_llm.count(kind="answer") == answers.count() == combos.count()
+    lineage = (answers.join(table(spark, "questions", cfg).select("question_id", "combination_id"),
+                            ["question_id", "combination_id"])
+               .join(combos.select("combination_id", "syllabus_id"), ["combination_id", "syllabus_id"])
+               .join(table(spark, "syllabi", cfg).select("syllabus_id", "subject_id"), ["syllabus_id", "subject_id"])
+               .join(subjects.select("subject_id", "discipline_id"), ["subject_id", "discipline_id"])
+               .join(table(spark, "taxonomy", cfg).select("discipline_id", "field"), "discipline_id"))
+    assert lineage.count() == answers.count()
+    row = answers.first()
+    assert (row["model"], row["temperature"], row["top_p"]) == ("gpt-4o-mini", 0.7, 0.95)
+    assert row["prompt_name"] == "answer" and len(row["prompt_version"]) > 0 and row["completion_tokens"] > 0
+
+    # Resume: a second run pays for nothing.
+    calls = fake_llm.count()
+    assert run_pipeline(cfg) == 0
+    assert fake_llm.count() == calls
+
+    # Adding a discipline expands only that discipline.
+    taxonomy = tmp_path / "taxonomy.yaml"
+    taxonomy.write_text(taxonomy.read_text() + NEW_DISCIPLINE)
+    before = {r["discipline_id"] for r in table(spark, "subject_lists", cfg).select("discipline_id").collect()}
+    assert run_pipeline(cfg) == 0
+    new_requests = fake_llm.requests[calls:]
+    assert len([r for r in new_requests if r.kind == "subjects_list"]) == SAMPLES
+    assert all("Systems science" in r.text for r in new_requests if r.kind == "subjects_list")
+    lists = table(spark, "subject_lists", cfg)
+    added = {r["discipline_id"] for r in lists.select("discipline_id").collect()} - before
+    assert len(added) == 1 and lists.filter(F.col("discipline_id").isin(list(added))).count() == SAMPLES
+    new_subjects = table(spark, "subjects", cfg).filter(F.col("discipline_id").isin(list(added))).count()
+    assert len([r for r in new_requests if r.kind == "syllabus"]) == new_subjects
+
+
+def test_garbage_and_empty_lists_fill_failures_then_a_rerun_retries_only_them(spark, fake_llm, tmp_path):
+    cfg = make_cfg(tmp_path, fake_llm.url, **{"subjects.samples_per_discipline": 2})
+    fake_llm.add_rule(kind="subjects_convert", contains="Logic", empty_lists=True)
+    fake_llm.add_rule(kind="repair", text="this is not JSON {{{")
+    fake_llm.add_rule(kind="answer", status=400)
+    assert run_pipeline(cfg) == 0  # no crash
+    failures = table(spark, "failures", cfg)
+    by_stage = {r["stage"]: r["n"] for r in failures.groupBy("stage").agg(F.count("*").alias("n")).collect()}
+    assert by_stage["subjects"] == 2  # both Logic samples: empty list, then a garbage repair
+    assert by_stage["answers"] == table(spark, "questions", cfg).count() > 0
+    assert failures.filter("stage = 'answers'").first()["attempts"] == 1  # a 400 is not retried
+    assert not table_exists(spark, cfg, "answers")  # nothing half written
+
+    fake_llm.reset()  # the endpoint behaves again
+    assert run_pipeline(cfg) == 0
+    assert fake_llm.count(kind="subjects_list") == 0          # committed rows are never asked again
+    assert fake_llm.count(kind="subjects_convert") == 2       # only the failed ones
+    assert table(spark, "failures", cfg).count() == 0         # and they left the table
+    assert table(spark, "answers", cfg).count() == table(spark, "questions", cfg).count()
+
+
+def table_exists(spark, cfg, name):
+    from jobs.common.storage import table_exists as exists
+    return exists(spark, name, cfg)
+
+
+KILLED_RUN = """
+import sys
+from jobs.common.config import load_config
+from jobs.common.pipeline import run_pipeline
+cfg = load_config([], sys.argv[1:])
+run_pipeline(cfg)
+"""
+
+
+def test_run_killed_in_the_questions_stage_resumes_without_paying_twice(spark, fake_llm, tmp_path):
+    reference = make_cfg(tmp_path, fake_llm.url, name="reference", **{"pipeline.commit_every_rows": 8})
+    assert run_pipeline(reference) == 0
+    expected = {(r["question_id"], r["question"]) for r in table(spark, "questions", reference).collect()}
+    assert len(expected) > 24  # several commits' worth
+
+    fake_llm.reset()
+    fake_llm.latency_ms = 20  # slow enough to be caught between two commits
+    sets = settings(tmp_path / "killed", tmp_path / "taxonomy.yaml", fake_llm.url,
+                    **{"pipeline.commit_every_rows": 8})
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(KILLED_RUN), *sets], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    questions_path = tmp_path / "killed" / "questions"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if DeltaTable.is_deltatable(str(questions_path)) and DeltaTable(str(questions_path)).version() >= 0:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its JVM and Python workers, mid-stage
+    proc.wait(timeout=60)
+    cfg = make_cfg(tmp_path, fake_llm.url, name="killed", **{"pipeline.commit_every_rows": 8})
+    committed = {r["question_id"] for r in table(spark, "questions", cfg).collect()}
+    assert 0 < len(committed) < len(expected)
+    assert not table_exists(spark, cfg, "answers")
+
+    fake_llm.reset()
+    fake_llm.latency_ms = 0
+    assert run_pipeline(cfg) == 0
+    resumed = table(spark, "questions", cfg)
+    assert resumed.count() == resumed.select("question_id").distinct().count()  # no duplicates
+    assert {(r["question_id"], r["question"]) for r in resumed.collect()} == expected
+    # No LLM call for a row committed before the kill: the rerun asked only for the rest.
+    assert fake_llm.count(kind="question") == len(expected) - len(committed)
+    assert fake_llm.count(kind="subjects_list") == 0 and fake_llm.count(kind="syllabus") == 0
