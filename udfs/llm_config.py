@@ -40,6 +40,9 @@ class LLMConfig:
     endpoint: Literal["openai", "azure", "embedded"] = "openai"
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    # Several servers of the same model (e.g. one llama.cpp or vLLM per node): tasks spread over them
+    # by partition. Empty: base_url only.
+    base_urls: tuple[str, ...] = ()
     api_version: str | None = None  # Azure OpenAI only
     azure_deployment: str | None = None  # Azure OpenAI only; None: the stage's model names the deployment
     timeout_s: float = 120.0

@@ -29,6 +29,8 @@ from udfs.llm_udf import concurrent_tasks, llm_udf
 log = logging.getLogger(__name__)
 
 RESULT = "_out"
+# What the running step is doing, for the live progress line (`jobs.common.pipeline`).
+PROGRESS: dict[str, object] = {}
 _CHUNK = "_chunk"
 _SALT = "_salt"
 
@@ -123,12 +125,14 @@ def run_llm_step(
     chunks = max(1, math.ceil(rows / cfg.pipeline.commit_every_rows))
     chunked = todo.withColumn(_CHUNK, F.pmod(F.xxhash64(key, F.lit("chunk")), F.lit(chunks)))
     kwargs = {} if schema is ... else {"schema": schema}
+    PROGRESS.update(call=prompt, chunk=0, chunks=chunks, rows_in=rows, rows_written=0)
     for index in range(chunks):
+        PROGRESS.update(chunk=index + 1)
         part = plan_partitions(chunked.filter(F.col(_CHUNK) == index).drop(_CHUNK), key, cfg)
         if sort_within:
             part = part.sortWithinPartitions(*sort_within)  # e.g. one subject's questions together
         ask = llm_udf(prompt, cfg.llm, stage_llm, concurrent_tasks=concurrent_tasks(part),
-                      base_url=cfg.llm.base_url, **kwargs)
+                      base_url=list(cfg.llm.base_urls) or cfg.llm.base_url, **kwargs)
         called = part.withColumn(RESULT, ask(*inputs, seed=seed))
         # Materialised once: the LLM is called here and nowhere else; both writes below read it.
         called = called.persist(StorageLevel.MEMORY_AND_DISK)
@@ -141,6 +145,7 @@ def run_llm_step(
                 "error_message", F.coalesce(F.col(RESULT)["error_message"], F.lit("the model returned no text"))))
             written = append_missing(to_output(ok), output, output_key, cfg)
             result.rows_written += written.rows_written
+            PROGRESS.update(rows_written=result.rows_written)
             result.failures += _update_failures(todo.sparkSession, stage, key, called, failed, cfg)
         finally:
             called.unpersist()

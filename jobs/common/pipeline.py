@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import replace
@@ -54,7 +55,8 @@ def run_pipeline(cfg: GlanConfig, stages: list[str] | None = None, disciplines: 
         for name, module in chosen:
             t0 = time.monotonic()
             print(f"[{name}] running", file=sys.stderr, flush=True)
-            figures = importlib.import_module(module).run_stage(spark, cfg, disciplines) or {}
+            with ProgressLine(spark, name):
+                figures = importlib.import_module(module).run_stage(spark, cfg, disciplines) or {}
             summary = ", ".join(f"{k}={v}" for k, v in figures.items())
             print(f"[{name}] done in {time.monotonic() - t0:.1f}s{': ' + summary if summary else ''}",
                   file=sys.stderr, flush=True)
@@ -64,6 +66,59 @@ def run_pipeline(cfg: GlanConfig, stages: list[str] | None = None, disciplines: 
           + "".join(f" --conf {s}" for s in cfg.sources if not s.startswith(("conf/base.yaml", "--set"))),
           file=sys.stderr)
     return 0
+
+
+class ProgressLine:
+    """A live line per stage from Spark's status tracker: tasks done of total in the running
+    Spark stages, and rows committed of the rows to do in the current LLM call."""
+
+    def __init__(self, spark, stage: str, every_s: float | None = None) -> None:
+        self.spark, self.stage = spark, stage
+        self.tty = sys.stderr.isatty()
+        self.every_s = every_s or (2.0 if self.tty else 15.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def line(self) -> str | None:
+        from jobs.common.llmstage import PROGRESS
+
+        tracker = self.spark.sparkContext.statusTracker()
+        done = total = 0
+        for stage_id in tracker.getActiveStageIds():
+            info = tracker.getStageInfo(stage_id)
+            if info is not None:
+                done += info.numCompletedTasks
+                total += info.numTasks
+        parts = [f"[{self.stage}]"]
+        if PROGRESS.get("call"):
+            parts.append(f"{PROGRESS['call']} chunk {PROGRESS['chunk']}/{PROGRESS['chunks']}, "
+                         f"rows committed {PROGRESS['rows_written']}/{PROGRESS['rows_in']}")
+        if total:
+            parts.append(f"tasks {done}/{total}")
+        return " ".join(parts) if len(parts) > 1 else None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                text = self.line()
+            except Exception:  # noqa: BLE001 - progress must never break a run
+                text = None
+            if text:
+                print(("\r" + text.ljust(100)) if self.tty else text, end="" if self.tty else "\n",
+                      file=sys.stderr, flush=True)
+
+    def __enter__(self) -> ProgressLine:
+        from jobs.common.llmstage import PROGRESS
+
+        PROGRESS.clear()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.tty:
+            print("\r" + " " * 100 + "\r", end="", file=sys.stderr, flush=True)
 
 
 def _start_endpoint(stack: ExitStack, cfg: GlanConfig, chosen: list[tuple[str, str]]) -> GlanConfig:
@@ -76,7 +131,7 @@ def _start_endpoint(stack: ExitStack, cfg: GlanConfig, chosen: list[tuple[str, s
 
     endpoint = stack.enter_context(embedded_endpoint(cfg.llm.embedded))
     print(f"embedded endpoint: SmolLM2 on {', '.join(endpoint.base_urls)}", file=sys.stderr, flush=True)
-    return replace(cfg, llm=replace(cfg.llm, base_url=endpoint.base_url))
+    return replace(cfg, llm=replace(cfg.llm, base_url=endpoint.base_url, base_urls=tuple(endpoint.base_urls)))
 
 
 def stage_main(name: str, argv: list[str] | None = None) -> int:

@@ -96,6 +96,7 @@ def get_spark(
         builder.config("spark.sql.warehouse.dir", str(scratch / "warehouse"))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.debug.maxToStringFields", "1000")  # wide LLM tables; no truncation warnings
     )
     if shuffle_partitions is not None:
         builder = builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions))
