@@ -104,6 +104,19 @@ def test_end_to_end_rows_calls_lineage_and_resume(spark, fake_llm, tmp_path):
     assert (row["model"], row["temperature"], row["top_p"]) == ("gpt-4o-mini", 0.7, 0.95)
     assert row["prompt_name"] == "answer" and len(row["prompt_version"]) > 0 and row["completion_tokens"] > 0
 
+    # Usage recorded on the rows is exactly what the endpoint served, and `glan status` agrees.
+    from jobs.common.costs import usage_by_stage
+    from jobs.common.status import stage_status
+
+    served = fake_llm.stats()["tokens"]
+    usage = usage_by_stage(spark, cfg)
+    assert sum(u["prompt_tokens"] for u in usage) == served["prompt"]
+    assert sum(u["completion_tokens"] for u in usage) == served["completion"]
+    assert sum(u["calls"] for u in usage) == fake_llm.count()
+    status = {r["stage"]: r for r in stage_status(spark, cfg)}
+    assert status["answers"]["done"] == answers.count() and status["answers"]["to_do"] == 0
+    assert status["subjects"]["done"] == SAMPLES * 2 and status["subjects"]["failures"] == 0
+
     # Resume: a second run pays for nothing.
     calls = fake_llm.count()
     assert run_pipeline(cfg) == 0

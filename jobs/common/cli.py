@@ -190,7 +190,8 @@ def _one_line(exc: BaseException) -> str:
 
 def _run_guarded(func: Callable[[], int]) -> int:
     try:
-        return int(func() or 0)
+        result = func()
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
     except GlanError as exc:
         print(f"glan: error: {exc}", file=sys.stderr)
         return exc.exit_code
