@@ -67,7 +67,7 @@ def _propose(cfg: GlanConfig, out: Path, field_names: list[str]) -> int:
     from udfs.llm_config import StageLLMConfig
     from udfs.prompts import load_prompt
 
-    stage = StageLLMConfig(model=cfg.subjects.llm.model, temperature=1.0, top_p=0.95, max_tokens=4096)
+    stage = StageLLMConfig(model=cfg.subjects.llm.model, temperature=1.0, top_p=0.95, max_tokens=8192)
     spec = CallSpec(prompt=load_prompt(PROPOSE_PROMPT), stage=stage, schema=PROPOSE_SCHEMA,
                     repair_prompt=load_prompt("repair"))
     with ExitStack() as stack:
