@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--disciplines", type=int, default=4)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--subjects-per-sample", type=int, default=5)
-    parser.add_argument("--questions-per-syllabus", type=int, default=16)
+    parser.add_argument("--questions-per-syllabus", type=int, default=20)
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="glan-bench-pipeline-"))
