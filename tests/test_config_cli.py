@@ -86,8 +86,8 @@ from jobs.common.spark import get_spark
 from jobs.common.storage import append_missing
 cfg = load_config([], ["run_root={run}", "storage.backend=embedded"])
 spark = get_spark("t", master="local[1]", run_root=cfg.run_root)
-append_missing(spark.createDataFrame([("a", "Mathematics", 3), ("b", "Physics", 5)], "id string, discipline string, n int"), "subjects", "id", cfg)
-append_missing(spark.createDataFrame([("q1", "a")], "question_id string, id string"), "questions", "question_id", cfg)
+append_missing(spark.createDataFrame([("a", "Mathematics", 3), ("b", "Physics", 5)], "id string, discipline string, n int"), "topics", "id", cfg)
+append_missing(spark.createDataFrame([("q1", "a")], "question_id string, id string"), "quizzes", "question_id", cfg)
 """
     done = subprocess.run([sys.executable, "-c", setup], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -97,9 +97,9 @@ append_missing(spark.createDataFrame([("q1", "a")], "question_id string, id stri
     assert tables.returncode == 0, tables.stderr
     lines = tables.stdout.splitlines()
     assert lines[0].split()[:4] == ["table", "rows", "version", "last_commit"]
-    assert lines[2].split()[:3] == ["questions", "1", "0"] and lines[3].split()[:3] == ["subjects", "2", "0"]
+    assert lines[2].split()[:3] == ["quizzes", "1", "0"] and lines[3].split()[:3] == ["topics", "2", "0"]
 
-    sql = glan("sql", "SELECT s.discipline, s.n, q.question_id FROM subjects s LEFT JOIN questions q USING (id) "
+    sql = glan("sql", "SELECT s.discipline, s.n, q.question_id FROM topics s LEFT JOIN quizzes q USING (id) "
                "ORDER BY s.n", *common, cwd=tmp_path)
     assert sql.returncode == 0, sql.stderr
     assert sql.stdout.splitlines() == [
@@ -108,12 +108,12 @@ append_missing(spark.createDataFrame([("q1", "a")], "question_id string, id stri
         "Mathematics  3  q1",
         "Physics      5  NULL",
     ]
-    as_json = glan("sql", "SELECT id, n FROM subjects ORDER BY id", "--format", "json", *common, cwd=tmp_path)
+    as_json = glan("sql", "SELECT id, n FROM topics ORDER BY id", "--format", "json", *common, cwd=tmp_path)
     assert [json.loads(line) for line in as_json.stdout.splitlines()] == [{"id": "a", "n": 3}, {"id": "b", "n": 5}]
-    as_csv = glan("sql", "SELECT id, n FROM subjects ORDER BY id", "--format", "csv", *common, cwd=tmp_path)
+    as_csv = glan("sql", "SELECT id, n FROM topics ORDER BY id", "--format", "csv", *common, cwd=tmp_path)
     assert as_csv.stdout.splitlines() == ["id,n", "a,3", "b,5"]
 
-    bad = glan("sql", "SELECT nope FROM subjects", *common, cwd=tmp_path)
+    bad = glan("sql", "SELECT nope FROM topics", *common, cwd=tmp_path)
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr
     assert "Traceback" not in bad.stderr and "at org.apache" not in bad.stderr
