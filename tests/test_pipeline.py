@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +24,7 @@ from jobs.common.storage import read_table
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 SAMPLES = 10
 
 TAXONOMY = """
@@ -44,6 +47,7 @@ def settings(run_root: Path, taxonomy: Path, url: str, **extra: object) -> list[
         "subjects.max_subjects_per_sample": 2, "syllabus.max_sessions": 3,
         "syllabus.max_concepts_per_session": 3, "combinations.questions_per_syllabus": 2,
         "pipeline.rows_per_task": 16, "pipeline.commit_every_rows": 1000,
+        "decontam.benchmarks": "[gsm8k, humaneval]",  # the full set is bench/decontam.py's job
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
@@ -117,6 +121,16 @@ def test_end_to_end_rows_calls_lineage_and_resume(spark, fake_llm, tmp_path):
     assert status["answers"]["done"] == answers.count() and status["answers"]["to_do"] == 0
     assert status["subjects"]["done"] == SAMPLES * 2 and status["subjects"]["failures"] == 0
 
+    # Step 6: every pair is checked; a planted benchmark question is removed, the rest are the
+    # instructions, with their lineage; and they export to training shards.
+    instructions = table(spark, "instructions", cfg)
+    assert instructions.count() == answers.count()
+    assert instructions.filter("field IS NULL OR discipline IS NULL OR subject IS NULL").count() == 0
+    from jobs.export import build_export
+
+    manifest = build_export(instructions, cfg.export, str(tmp_path / "export"), seed=1)
+    assert sum(s["num_rows"] for s in manifest["splits"].values()) == answers.count()
+
     # Resume: a second run pays for nothing.
     calls = fake_llm.count()
     assert run_pipeline(cfg) == 0
@@ -151,11 +165,18 @@ def test_garbage_and_empty_lists_fill_failures_then_a_rerun_retries_only_them(sp
     assert not table_exists(spark, cfg, "answers")  # nothing half written
 
     fake_llm.reset()  # the endpoint behaves again
+    with gzip.open(SHARED / "benchmarks" / "gsm8k.jsonl.gz", "rt") as f:
+        planted = json.loads(f.readline())["question"]
+    fake_llm.add_rule(kind="answer", times=1, text=f"Here is a similar problem. {planted} Solve it the same way.")
     assert run_pipeline(cfg) == 0
     assert fake_llm.count(kind="subjects_list") == 0          # committed rows are never asked again
     assert fake_llm.count(kind="subjects_convert") == 2       # only the failed ones
     assert table(spark, "failures", cfg).count() == 0         # and they left the table
     assert table(spark, "answers", cfg).count() == table(spark, "questions", cfg).count()
+    # The answer that quotes GSM8K is removed from the instructions, and the report says why.
+    contamination = table(spark, "contamination", cfg)
+    assert contamination.filter("benchmark = 'gsm8k'").select("pair_id").distinct().count() == 1
+    assert table(spark, "instructions", cfg).count() == table(spark, "answers", cfg).count() - 1
 
 
 def table_exists(spark, cfg, name):

@@ -27,6 +27,7 @@ STAGES: list[tuple[str, str]] = [
     ("combinations", "jobs.combinations"),
     ("questions", "jobs.questions"),
     ("answers", "jobs.answers"),
+    ("decontaminate", "jobs.instructions"),
 ]
 
 

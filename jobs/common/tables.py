@@ -201,13 +201,24 @@ CONTAMINATION = register(TableSpec(
 
 INSTRUCTIONS = register(TableSpec(
     name="instructions",
-    schema=_schema(  # the input pairs' columns, kept as they are; align with `answers` when wired
-        ("pair_id", T.StringType()),
+    schema=_schema(
+        ("instruction_id", T.StringType()),
+        ("question_id", T.StringType()),
+        ("combination_id", T.StringType()),
+        ("syllabus_id", T.StringType()),
+        ("subject_id", T.StringType()),
+        ("discipline_id", T.StringType()),
+        ("field", T.StringType()),
+        ("discipline", T.StringType()),
+        ("subject", T.StringType()),
+        ("level", T.StringType()),
         ("question", T.StringType()),
         ("answer", T.StringType()),
+        ("question_model", T.StringType()),
+        ("answer_model", T.StringType()),
     ),
-    key=("pair_id",),
-    description="the clean generated pairs: every input column of the pairs without a contamination row",
+    key=("instruction_id",),
+    description="the clean generated pairs with their lineage: answers without a contamination row",
 ))
 
 # --- export tables ---
