@@ -155,13 +155,21 @@ def test_garbage_and_empty_lists_fill_failures_then_a_rerun_retries_only_them(sp
     cfg = make_cfg(tmp_path, fake_llm.url, **{"subjects.samples_per_discipline": 2})
     fake_llm.add_rule(kind="subjects_convert", contains="Logic", empty_lists=True)
     fake_llm.add_rule(kind="repair", text="this is not JSON {{{")
-    fake_llm.add_rule(kind="answer", status=400)
+    fake_llm.add_rule(kind="answer", status=401, echo_key="full")  # as OpenAI does with a bad key
     assert run_pipeline(cfg) == 0  # no crash
     failures = table(spark, "failures", cfg)
     by_stage = {r["stage"]: r["n"] for r in failures.groupBy("stage").agg(F.count("*").alias("n")).collect()}
     assert by_stage["subjects"] == 2  # both Logic samples: empty list, then a garbage repair
     assert by_stage["answers"] == table(spark, "questions", cfg).count() > 0
-    assert failures.filter("stage = 'answers'").first()["attempts"] == 1  # a 400 is not retried
+    answer_failure = failures.filter("stage = 'answers'").first()
+    assert (answer_failure["error_class"], answer_failure["attempts"]) == ("auth", 1)  # a 401 is not retried
+    # The key the server echoed is in no table, no cell of any column.
+    from jobs.common.storage import get_storage
+    storage = get_storage(spark, cfg)
+    for name in storage.list_tables():
+        frame = storage.read(name)
+        text = frame.select(F.concat_ws("|", *[F.col(c).cast("string") for c in frame.columns]).alias("t"))
+        assert text.filter(F.col("t").contains("sk-test-key")).count() == 0, name
     assert not table_exists(spark, cfg, "answers")  # nothing half written
 
     fake_llm.reset()  # the endpoint behaves again
