@@ -1,12 +1,14 @@
 """Decontamination (GLAN step 6). Reads the generated pairs and `benchmark_items`, writes
 `contamination` and `instructions` (the clean pairs), and logs a report per benchmark.
 
-Two detectors, both hash joins with the benchmark side broadcast:
-- exact word n-gram overlap (13-grams; whole items of 8..12 words): every benchmark n-gram hash is
-  broadcast as a sorted array; a pandas UDF hashes all windows of a batch of texts at once and keeps
-  the few that hit; those join the broadcast (n-gram -> item) table;
-- MinHash LSH over word n-grams (datasketch's affine32 signatures): band keys of the texts join the
-  broadcast (band key -> item) table; every candidate is confirmed by exact Jaccard or containment.
+The benchmark side is hashed in parallel and collected once to the driver (`BenchmarkIndex`); its
+n-gram hashes and band keys go to every task as two `textsim.HashSet`s. One mapInArrow pass over
+the texts hashes all windows and MinHash bands of a batch at once and lets out only the rows that
+hit; the few benchmark rows they hit are joined to them, broadcast:
+- exact word n-gram overlap (13-grams; whole items of 8..12 words): hit windows join the
+  (n-gram -> item) rows;
+- MinHash LSH over word n-grams (datasketch's affine32 signatures): hit band keys join the
+  (band key -> item) rows; every candidate is confirmed by exact Jaccard or containment.
 Optionally near-identical generated questions are clustered (LSH candidates, exact Jaccard,
 connected components by min-label propagation) and all but the smallest id of a cluster dropped.
 
@@ -26,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -51,6 +55,8 @@ _ITEM_FEATURES = T.StructType([
     T.StructField("bands", T.ArrayType(T.LongType())),
 ])
 _TEXT_HITS = T.StructType([
+    T.StructField("pair_id", T.StringType()), T.StructField("field", T.StringType()),
+    T.StructField("text", T.StringType()),
     T.StructField("grams", T.ArrayType(T.LongType())),
     T.StructField("gram_pos", T.ArrayType(T.IntegerType())),
     T.StructField("bands", T.ArrayType(T.LongType())),
@@ -78,14 +84,6 @@ def build_benchmark_items(spark: SparkSession, cfg: DecontamConfig) -> DataFrame
 # Hashing UDFs (vectorised per Arrow batch)
 
 
-def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    if len(sorted_set) == 0 or len(values) == 0:
-        return np.zeros(len(values), dtype=bool)
-    idx = np.searchsorted(sorted_set, values)
-    idx[idx == len(sorted_set)] = 0
-    return sorted_set[idx] == values
-
-
 def _split_by_row(row: np.ndarray, values: np.ndarray, num_rows: int) -> list[np.ndarray]:
     """values grouped by their (sorted) row index, one array per row (empty where none)."""
     bounds = np.searchsorted(row, np.arange(num_rows + 1))
@@ -108,13 +106,9 @@ def item_features(texts: pd.Series, ng: NgramConfig, mh: MinHashConfig) -> pd.Da
     min_words..n-1 words), their number, and its MinHash band keys."""
     lengths, wh, _ = textsim.flatten_words(texts)
     num = len(lengths)
-    wins = textsim.window_hashes(lengths, wh, _gram_sizes(ng))
-    parts_row, parts_hash = [wins[ng.n][0]], [wins[ng.n][2]]
-    for k in range(ng.min_words, ng.n):
-        t, p, h = wins[k]
-        whole = (lengths[t] == k) & (p == 0)
-        parts_row.append(t[whole])
-        parts_hash.append(h[whole])
+    wins = textsim.window_hashes(lengths, wh, [ng.n], whole=range(ng.min_words, ng.n))
+    parts_row = [wins[k][0] for k in _gram_sizes(ng)]
+    parts_hash = [wins[k][2] for k in _gram_sizes(ng)]
     row = np.concatenate(parts_row)
     grams = np.concatenate(parts_hash).view(np.int64)
     order = np.lexsort((grams, row))
@@ -131,32 +125,38 @@ def item_features(texts: pd.Series, ng: NgramConfig, mh: MinHashConfig) -> pd.Da
     })
 
 
-def text_hits(texts: pd.Series, ng: NgramConfig, mh: MinHashConfig, gram_set: np.ndarray,
-              band_set: np.ndarray) -> pd.DataFrame:
-    """Per generated text: the window hashes (and their word positions) that are benchmark
-    n-grams, and the band keys that some benchmark item shares."""
+def text_hits(texts: pa.Array | pd.Series, ng: NgramConfig, mh: MinHashConfig, gram_set: textsim.HashSet,
+              band_set: textsim.HashSet) -> tuple[np.ndarray, pa.Array, pa.Array, pa.Array]:
+    """The generated texts that hit the benchmark side: (their indexes in `texts`, and for each
+    of them as Arrow lists: the window hashes that are benchmark n-grams, those windows' word
+    positions, and the band keys that some benchmark item shares)."""
     lengths, wh, _ = textsim.flatten_words(texts)
     num = len(lengths)
+    empty = np.zeros(0, dtype=np.int64)
+    g_rows, g_pos, g_hash = empty, empty, empty
+    b_rows, b_keys = empty, empty
     if ng.enabled:
         wins = textsim.window_hashes(lengths, wh, _gram_sizes(ng))
         rows = np.concatenate([w[0] for w in wins.values()])
-        pos = np.concatenate([w[1] for w in wins.values()])
         hashes = np.concatenate([w[2] for w in wins.values()]).view(np.int64)
-        hit = _in_sorted(hashes, gram_set)
-        rows, pos, hashes = rows[hit], pos[hit], hashes[hit]
-        order = np.argsort(rows, kind="stable")
-        gram_hits = _split_by_row(rows[order], hashes[order], num)
-        pos_hits = _split_by_row(rows[order], pos[order].astype(np.int32), num)
-    else:
-        gram_hits = pos_hits = [np.zeros(0, dtype=np.int64)] * num
+        hit = np.nonzero(gram_set.contains(hashes))[0]
+        pos = np.concatenate([w[1] for w in wins.values()])[hit]
+        order = np.argsort(rows[hit], kind="stable")
+        g_rows, g_pos, g_hash = rows[hit][order], pos[order], hashes[hit][order]
     if mh.enabled:
         bands, r = mh.bands_rows()
         keys = _band_matrix(lengths, wh, mh.ngram, mh.num_perm, mh.seed, bands, r)
-        mask = _in_sorted(keys.ravel(), band_set).reshape(keys.shape) & (lengths > 0)[:, None]
-        band_hits = [keys[i][mask[i]] for i in range(num)]
-    else:
-        band_hits = [np.zeros(0, dtype=np.int64)] * num
-    return pd.DataFrame({"grams": gram_hits, "gram_pos": pos_hits, "bands": band_hits})
+        mask = band_set.contains(keys.ravel()).reshape(keys.shape) & (lengths > 0)[:, None]
+        b_rows, b_keys = np.nonzero(mask)[0], keys[mask]          # row-major: grouped by text
+    hit_rows = np.union1d(g_rows, b_rows).astype(np.int64)
+
+    def lists(rows: np.ndarray, values: np.ndarray, kind: pa.DataType) -> pa.Array:
+        counts = np.bincount(rows, minlength=num)[hit_rows] if num else empty
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, kind))
+
+    return (hit_rows, lists(g_rows, g_hash, pa.int64()), lists(g_rows, g_pos.astype(np.int32), pa.int32()),
+            lists(b_rows, b_keys, pa.int64()))
 
 
 def _item_features_udf(ng: NgramConfig, mh: MinHashConfig):
@@ -167,12 +167,16 @@ def _item_features_udf(ng: NgramConfig, mh: MinHashConfig):
     return features
 
 
-def _text_hits_udf(ng: NgramConfig, mh: MinHashConfig, gram_bc, band_bc):
-    @F.pandas_udf(_TEXT_HITS)
-    def hits(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+def _text_hits_fn(ng: NgramConfig, mh: MinHashConfig, gram_bc, band_bc):
+    """mapInArrow over (pair_id, field, text): only the rows that hit come out, with their hits."""
+    def hits(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         gram_set, band_set = gram_bc.value, band_bc.value  # loaded once per task
-        for texts in batches:
-            yield text_hits(texts, ng, mh, gram_set, band_set)
+        for batch in batches:
+            rows, grams, gram_pos, bands = text_hits(batch.column("text"), ng, mh, gram_set, band_set)
+            take = pa.array(rows, pa.int64())
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(c).take(take) for c in ("pair_id", "field", "text")] + [grams, gram_pos, bands],
+                names=["pair_id", "field", "text", "grams", "gram_pos", "bands"])
     return hits
 
 
@@ -228,8 +232,47 @@ def pair_texts(pairs: DataFrame, id_col: str, text_cols: Sequence[str]) -> DataF
     return out
 
 
-def _sorted_unique(values: np.ndarray) -> np.ndarray:
-    return np.unique(values.astype(np.int64))
+def _flat_longs(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """All values of a list<bigint> column of a (combined) Arrow table, and the row of each."""
+    if table.num_rows == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lists = table.column(column).chunk(0)
+    keys = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    return keys, rows
+
+
+class BenchmarkIndex:
+    """The benchmark side, collected once to the driver: every (n-gram hash, item) and (band key,
+    item) of the items, as numpy arrays, with the item's benchmark, item_id, n-gram count and text;
+    and the hash sets the text side tests its windows and band keys against."""
+
+    def __init__(self, table: pa.Table, ng: NgramConfig, mh: MinHashConfig) -> None:
+        table = table.combine_chunks()
+        self.meta = table.select(["benchmark", "item_id", "num_grams", "text"])
+        self.gram_keys, self.gram_rows = _flat_longs(table, "grams")
+        self.band_keys, self.band_rows = _flat_longs(table, "bands")
+        self.gram_set = textsim.HashSet(self.gram_keys if ng.enabled else [])
+        self.band_set = textsim.HashSet(self.band_keys if mh.enabled else [])
+
+    def rows_of(self, spark: SparkSession, name: str, hit: np.ndarray, *, text: bool = False) -> DataFrame:
+        """A small DataFrame (name, item_key = the item's row here, benchmark, item_id, num_grams
+        [, item_text]) of the benchmark rows whose key is in `hit` (the keys some text hit)."""
+        keys, rows = (self.gram_keys, self.gram_rows) if name == "gram" else (self.band_keys, self.band_rows)
+        keep = textsim.HashSet(hit).contains(keys)
+        keys, rows = keys[keep], rows[keep]
+        meta = self.meta.take(pa.array(rows, pa.int64()))
+        frame = pd.DataFrame({name: keys, "item_key": rows,
+                              "benchmark": meta.column("benchmark").to_pandas(),
+                              "item_id": meta.column("item_id").to_pandas(),
+                              "num_grams": meta.column("num_grams").to_numpy(zero_copy_only=False)})
+        fields = [T.StructField(name, T.LongType()), T.StructField("item_key", T.LongType()),
+                  T.StructField("benchmark", T.StringType()), T.StructField("item_id", T.StringType()),
+                  T.StructField("num_grams", T.IntegerType())]
+        if text:
+            frame["item_text"] = meta.column("text").to_pandas()
+            fields.append(T.StructField("item_text", T.StringType()))
+        return spark.createDataFrame(frame, T.StructType(fields))
 
 
 def detect(pairs: DataFrame, items: DataFrame, cfg: DecontamConfig, *, id_col: str | None = None,
@@ -241,26 +284,22 @@ def detect(pairs: DataFrame, items: DataFrame, cfg: DecontamConfig, *, id_col: s
     text_cols = list(text_cols or cfg.text_fields)
     ng, mh = cfg.ngram, cfg.minhash
     started = time.monotonic()
-
-    keyed = items.select("benchmark", "item_id", "text",
-                         F.xxhash64("benchmark", "item_id").alias("item_key"))
-    feats = (keyed.withColumn("_f", _item_features_udf(ng, mh)("text"))
-             .select("item_key", "benchmark", "item_id", "text", "_f.grams", "_f.num_grams", "_f.bands")
-             .cache())
-    item_grams = feats.select("item_key", F.explode("grams").alias("gram")) if ng.enabled else None
-    item_bands = feats.select("item_key", F.explode("bands").alias("band")) if mh.enabled else None
-    # The benchmark's hash sets, sorted, go to every task once; texts keep only what hits them.
-    gram_set = _collect_longs(item_grams, "gram") if ng.enabled else np.zeros(0, np.int64)
-    band_set = _collect_longs(item_bands, "band") if mh.enabled else np.zeros(0, np.int64)
-    sc = spark.sparkContext
-    gram_bc, band_bc = sc.broadcast(gram_set), sc.broadcast(band_set)
-    meta = feats.select("item_key", "benchmark", "item_id", "num_grams")
-
     texts = pair_texts(pairs, id_col, text_cols)
-    hits = (texts.withColumn("_h", _text_hits_udf(ng, mh, gram_bc, band_bc)("text"))
-            .filter((F.size("_h.grams") > 0) | (F.size("_h.bands") > 0))
-            .select("pair_id", "field", "text", "_h.grams", "_h.gram_pos", "_h.bands")
-            .cache())
+
+    # The benchmark side is computed in parallel and collected once; its hash sets go to every task.
+    feats = (items.withColumn("_f", _item_features_udf(ng, mh)("text"))
+             .select("benchmark", "item_id", "text", "_f.grams", "_f.num_grams", "_f.bands"))
+    index = BenchmarkIndex(feats.toArrow(), ng, mh)
+    indexed = time.monotonic()
+    sc = spark.sparkContext
+    gram_bc, band_bc = sc.broadcast(index.gram_set), sc.broadcast(index.band_set)
+
+    # One pass over the texts; only the (few) rows that hit come out of it.
+    hits = texts.mapInArrow(_text_hits_fn(ng, mh, gram_bc, band_bc), _TEXT_HITS).cache()
+    # Only the benchmark rows whose key some text hit take part in the joins, broadcast.
+    hit_table = hits.select("grams", "bands").toArrow().combine_chunks()
+    hit_grams, _ = _flat_longs(hit_table, "grams")
+    hit_bands, _ = _flat_longs(hit_table, "bands")
 
     found = []
     if ng.enabled:
@@ -268,12 +307,14 @@ def detect(pairs: DataFrame, items: DataFrame, cfg: DecontamConfig, *, id_col: s
                                 F.explode(F.arrays_zip("grams", "gram_pos")).alias("_g"))
         gram_hits = gram_hits.select("pair_id", "field", "text", F.col("_g.grams").alias("gram"),
                                      F.col("_g.gram_pos").alias("pos"))
-        matched = (gram_hits.join(F.broadcast(_hit_rows(item_grams, gram_hits, "gram")), on="gram", how="inner")
+        item_grams = index.rows_of(spark, "gram", hit_grams)
+        matched = (gram_hits.join(F.broadcast(item_grams.select("gram", "item_key")), on="gram", how="inner")
                    .groupBy("pair_id", "field", "item_key")
                    .agg(F.countDistinct("gram").alias("matches"), F.min("pos").alias("pos"),
                         F.first("text").alias("text"))
                    .filter(F.col("matches") >= ng.min_matches)
-                   .join(F.broadcast(meta), on="item_key", how="inner"))
+                   .join(F.broadcast(item_grams.select("item_key", "benchmark", "item_id", "num_grams")
+                                     .dropDuplicates(["item_key"])), on="item_key", how="inner"))
         scored = matched.select(
             "pair_id", "field", "benchmark", "item_id", "text", "pos", F.lit("ngram").alias("detector"),
             F.least(F.lit(1.0), F.col("matches") / F.greatest(F.col("num_grams"), F.lit(1))).alias("score"))
@@ -281,16 +322,16 @@ def detect(pairs: DataFrame, items: DataFrame, cfg: DecontamConfig, *, id_col: s
             *CONTAMINATION_COLUMNS[:-1],
             _excerpt_udf("text", "pos", F.lit(ng.n), F.lit(cfg.excerpt_chars)).alias("excerpt")))
     if mh.enabled:
-        item_text = feats.select("item_key", F.col("text").alias("item_text"))
+        item_bands = index.rows_of(spark, "band", hit_bands, text=True)
         band_hits = hits.select("pair_id", "field", "text", F.explode("bands").alias("band"))
-        candidates = (band_hits.join(F.broadcast(_hit_rows(item_bands, band_hits, "band")), on="band", how="inner")
+        candidates = (band_hits.join(F.broadcast(item_bands.select("band", "item_key")), on="band", how="inner")
                       .select("pair_id", "field", "text", "item_key")
                       .dropDuplicates(["pair_id", "field", "item_key"])
-                      .join(F.broadcast(item_text), on="item_key", how="inner"))
+                      .join(F.broadcast(item_bands.drop("band").dropDuplicates(["item_key"])),
+                            on="item_key", how="inner"))
         confirmed = (candidates.withColumn("_s", _similarity_udf(mh.ngram)("text", "item_text"))
                      .filter((F.col("_s.jaccard") >= mh.threshold)
-                             | (F.col("_s.containment") >= mh.containment_threshold))
-                     .join(F.broadcast(meta), on="item_key", how="inner"))
+                             | (F.col("_s.containment") >= mh.containment_threshold)))
         scored = confirmed.select(
             "pair_id", "field", "benchmark", "item_id", "text", F.lit("minhash").alias("detector"),
             F.greatest("_s.jaccard", "_s.containment").alias("score"))
@@ -300,16 +341,10 @@ def detect(pairs: DataFrame, items: DataFrame, cfg: DecontamConfig, *, id_col: s
     out = found[0]
     for part in found[1:]:
         out = out.unionByName(part)
-    log.info("detect: %d benchmark n-grams, %d band keys broadcast (%.1fs)", len(gram_set),
-             len(band_set), time.monotonic() - started)
+    log.info("detect: %d benchmark n-grams, %d band keys broadcast (%.1fs), %d texts hit (%.1fs)",
+             len(index.gram_set), len(index.band_set), indexed - started, hit_table.num_rows,
+             time.monotonic() - indexed)
     return out.select(*CONTAMINATION_COLUMNS)
-
-
-def _hit_rows(item_side: DataFrame, hits: DataFrame, key: str) -> DataFrame:
-    """The rows of a benchmark hash table whose hash some text hit: the (small) distinct hit set
-    is broadcast into a semi-join over the cached benchmark table, and the result is what the
-    texts' hits join in turn, broadcast."""
-    return item_side.join(F.broadcast(hits.select(key).distinct()), on=key, how="left_semi")
 
 
 def _best(scored: DataFrame, limit: int) -> DataFrame:
@@ -318,11 +353,6 @@ def _best(scored: DataFrame, limit: int) -> DataFrame:
     rank = Window.partitionBy("pair_id", "field", "benchmark", "detector").orderBy(
         F.col("score").desc(), F.col("item_id").asc())
     return scored.withColumn("_rank", F.row_number().over(rank)).filter(F.col("_rank") <= limit).drop("_rank")
-
-
-def _collect_longs(df: DataFrame, column: str) -> np.ndarray:
-    frame = df.select(column).toPandas()
-    return _sorted_unique(frame[column].to_numpy())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,3 +96,33 @@ def test_jaccard_and_containment():
     assert ts.containment(set(), {1}) == 0.0
     a, b = np.array([1, 2, 3]), np.array([2, 3, 4, 5])
     assert ts.jaccard_sorted(a, b) == pytest.approx((2 / 5, 2 / 3))
+
+
+def test_flatten_words_is_words_of_each_text_for_ascii_unicode_and_missing_text():
+    texts = ["Hello,   World!", None, "", "  Don't STOP\n\tbelieving.", "Ｆｕｌｌｗｉｄｔｈ text",
+             "x=2; y_3 = (4)", "caf\u00e9 it\u2019s `quoted` _ok_", "ΣΟΦΙΑ İstanbul", "__ -- ''"] * 5
+    assert np.array_equal(ts.flatten_words(texts[:3])[1], ts.flatten_words(texts)[1][:2])  # few: one by one
+    lengths, wh, flat = ts.flatten_words(texts)  # many: Arrow kernels
+    expected = [ts.words(t) for t in texts]
+    assert lengths.tolist() == [len(w) for w in expected]
+    assert flat.to_pylist() == [w for ws in expected for w in ws]
+    assert np.array_equal(wh, ts.word_hashes([w for ws in expected for w in ws]))
+
+
+def test_whole_windows_are_the_texts_of_exactly_that_many_words():
+    lengths, wh, _ = ts.flatten_words(["a b c", "d e", "f g h i", "j k l"])
+    wins = ts.window_hashes(lengths, wh, [4], whole=[3])
+    rows, pos, hashes = wins[3]
+    assert rows.tolist() == [0, 3] and pos.tolist() == [0, 0]
+    assert hashes.tolist() == [ts.ngram_hashes("a b c", 3)[0], ts.ngram_hashes("j k l", 3)[0]]
+    assert wins[4][0].tolist() == [2]
+
+
+def test_hash_set_membership_matches_isin():
+    rng = np.random.default_rng(1)
+    members = rng.integers(-2**63, 2**63 - 1, 5000, dtype=np.int64)
+    queries = np.concatenate([members[:300], rng.integers(-2**63, 2**63 - 1, 20000, dtype=np.int64)])
+    found = ts.HashSet(members).contains(queries)
+    assert np.array_equal(found, np.isin(queries, members)) and found[:300].all()
+    assert not ts.HashSet([]).contains(queries).any()
+    assert ts.HashSet(members).contains(np.zeros(0, np.int64)).shape == (0,)

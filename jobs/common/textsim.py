@@ -21,9 +21,15 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 _APOSTROPHES = re.compile(r"['\u2019\u2018`]")
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
+# The same two rules restricted to ASCII text (lowered first), for Arrow's RE2 kernels.
+_ASCII_APOSTROPHES = "['`]"
+_ASCII_NON_WORD = "[^a-z0-9]+"
+_ARROW_MIN_TEXTS = 32
 
 _P = np.uint64(0x100000001B3)           # odd multiplier of the n-gram polynomial
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # mixes n into the n-gram hash
@@ -91,15 +97,18 @@ def _finish(h: np.ndarray, n: int) -> np.ndarray:
         return _fmix64(h + np.uint64(n) * _GOLDEN)
 
 
-def window_hashes(lengths: np.ndarray, wh: np.ndarray, sizes: Iterable[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def window_hashes(lengths: np.ndarray, wh: np.ndarray, sizes: Iterable[int],
+                  whole: Iterable[int] = ()) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Hashes of every word window of each size in `sizes`, for a batch of texts at once.
 
     `lengths[t]` is the number of words of text t and `wh` the hashes of all their words,
     concatenated. Returns `{size: (text_index, position, hash)}` for the windows that lie wholly
-    inside one text. One pass of the polynomial serves all sizes (the hash of a window of
-    size k+1 extends that of size k)."""
+    inside one text; for the sizes in `whole` only the windows that are a whole text (position
+    0 of a text of exactly that many words). One pass of the polynomial serves all sizes (the
+    hash of a window of size k+1 extends that of size k)."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    sizes = sorted(set(int(s) for s in sizes))
+    whole = {int(s) for s in whole}
+    sizes = sorted(set(int(s) for s in sizes) | whole)
     total = int(lengths.sum())
     out: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     if total == 0 or not sizes:
@@ -117,7 +126,10 @@ def window_hashes(lengths: np.ndarray, wh: np.ndarray, sizes: Iterable[int]) -> 
                 if m <= 0:
                     break
                 h[:m] = h[:m] * _P + wh[k - 1:]
-            if k in sizes:
+            if k in whole:
+                idx = starts[lengths == k]
+                out[k] = (text_of[idx], pos[idx], _finish(h[idx], k))
+            elif k in sizes:
                 ok = room[: total - k + 1] >= k
                 idx = np.nonzero(ok)[0]
                 out[k] = (text_of[idx], pos[idx], _finish(h[idx], k))
@@ -128,25 +140,71 @@ def window_hashes(lengths: np.ndarray, wh: np.ndarray, sizes: Iterable[int]) -> 
     return out
 
 
-def flatten_words(texts: Iterable[str | None]) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-    """Normalised words of each text: (lengths, hashes of all words concatenated, the words)."""
-    toks = [words(t) for t in texts]
-    lengths = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
-    flat = [w for t in toks for w in t]
-    return lengths, word_hashes(flat), toks
+def flatten_words(texts: Iterable[str | None]) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Normalised words of each text: (lengths, hashes of all words concatenated, all words as
+    one Arrow string array). Exactly `words()` of each text, but ASCII texts (NFKC leaves them
+    as they are) are normalised and split by Arrow kernels over the whole batch at once, and
+    each distinct word is hashed once."""
+    # A few texts (one query, one candidate) are quicker one by one than through Arrow's kernels.
+    texts = texts if isinstance(texts, (list, pd.Series, np.ndarray, pa.Array, pa.ChunkedArray)) else list(texts)
+    arr = _as_arrow_strings(texts) if len(texts) > _ARROW_MIN_TEXTS else None
+    if arr is None:  # not all strings, or few: the per-text path
+        if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+            texts = texts.to_pylist()
+        toks = [words(t) for t in texts]
+        lengths = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
+        flat_words = [w for t in toks for w in t]
+        return lengths, word_hashes(flat_words), pa.array(flat_words, pa.large_string())
+    else:
+        is_ascii = pc.fill_null(pc.string_is_ascii(arr), True).to_numpy(zero_copy_only=False)
+        fast = arr if is_ascii.all() else arr.filter(pa.array(is_ascii))
+        lowered = pc.ascii_lower(fast)
+        cleaned = pc.replace_substring_regex(pc.replace_substring_regex(lowered, _ASCII_APOSTROPHES, ""),
+                                             _ASCII_NON_WORD, " ")
+        split = pc.split_pattern(cleaned, " ")
+        flat = pc.list_flatten(split)
+        parent = pc.list_parent_indices(split).to_numpy(zero_copy_only=False)
+        keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+        flat, parent = flat.filter(pa.array(keep)), parent[keep]
+        rows = np.nonzero(is_ascii)[0]
+        parent = rows[parent]
+        if not is_ascii.all():
+            others = np.nonzero(~is_ascii)[0]
+            toks = [words(arr[int(i)].as_py()) for i in others]
+            flat = pa.concat_arrays([flat, pa.array([w for t in toks for w in t], flat.type)])
+            parent = np.concatenate([parent, np.repeat(others, [len(t) for t in toks])])
+            order = np.argsort(parent, kind="stable")
+            flat, parent = flat.take(pa.array(order)), parent[order]
+        lengths = np.bincount(parent, minlength=len(arr)).astype(np.int64)
+    if len(flat) == 0:
+        return lengths, np.zeros(0, dtype=np.uint64), flat
+    encoded = pc.dictionary_encode(flat)
+    vocab = word_hashes(encoded.dictionary.to_numpy(zero_copy_only=False))
+    return lengths, vocab[encoded.indices.to_numpy(zero_copy_only=False)], flat
+
+
+def _as_arrow_strings(texts: Iterable[str | None]) -> pa.Array | None:
+    """The texts as one Arrow large_string array; None when some value is not a string."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    if isinstance(texts, pa.Array):
+        return texts.cast(pa.large_string()) if texts.type != pa.large_string() else texts
+    values = texts if isinstance(texts, (list, pd.Series, np.ndarray)) else list(texts)
+    try:
+        return pa.array(values, pa.large_string(), from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
 
 
 def shingle_hashes_batch(lengths: np.ndarray, wh: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of the MinHash shingles of a batch: every word n-gram, or the whole text for
     a text shorter than n words. Returns (text_index, hash), grouped by text in order."""
     short_sizes = {int(x) for x in np.unique(lengths[(lengths > 0) & (lengths < n)])}
-    wins = window_hashes(lengths, wh, short_sizes | {n})
+    wins = window_hashes(lengths, wh, {n}, whole=short_sizes)
     rows, hashes = [wins[n][0]], [wins[n][2]]
     for k in short_sizes:
-        t, p, hk = wins[k]
-        whole = (lengths[t] == k) & (p == 0)
-        rows.append(t[whole])
-        hashes.append(hk[whole])
+        rows.append(wins[k][0])
+        hashes.append(wins[k][2])
     row = np.concatenate(rows)
     hv = np.concatenate(hashes)
     order = np.argsort(row, kind="stable")
@@ -166,6 +224,44 @@ def shingle_hash32(data: bytes) -> int:
     tokens = data.decode("utf-8").split(" ")
     wins = window_hashes(np.array([len(tokens)]), word_hashes(tokens), [len(tokens)])
     return int(wins[len(tokens)][2][0] & _MASK32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hash sets
+
+
+class HashSet:
+    """A set of 64-bit hashes for membership tests of many values at once: the sorted values, and
+    in front of them a bitmap indexed by each hash's top bits (about 40 bits per member), so that
+    the ~98% of the values that are not members skip the binary search (which costs a cache miss
+    per step). The hashes must be well mixed in their top bits, as the n-gram and band hashes are."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = np.unique(np.asarray(values).astype(np.int64))
+        n = max(len(self.values), 1)
+        self.bits = int(min(max(int(np.ceil(np.log2(n))) + 5, 10), 30))
+        shift = np.uint64(64 - self.bits)
+        self.bitmap = np.zeros(1 << (self.bits - 3), dtype=np.uint8)
+        slot = self.values.view(np.uint64) >> shift
+        np.bitwise_or.at(self.bitmap, slot >> np.uint64(3), np.left_shift(1, slot & np.uint64(7)).astype(np.uint8))
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of `hashes` (int64 or uint64) are in the set."""
+        hashes = np.asarray(hashes)
+        if len(self.values) == 0 or len(hashes) == 0:
+            return np.zeros(len(hashes), dtype=bool)
+        slot = hashes.view(np.uint64) >> np.uint64(64 - self.bits)
+        maybe = ((self.bitmap[slot >> np.uint64(3)] >> (slot & np.uint64(7)).astype(np.uint8)) & 1).astype(bool)
+        where = np.nonzero(maybe)[0]
+        candidates = hashes[where].view(np.int64)
+        idx = np.searchsorted(self.values, candidates)
+        idx[idx == len(self.values)] = 0
+        out = np.zeros(len(hashes), dtype=bool)
+        out[where] = self.values[idx] == candidates
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +286,7 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 
 def minhash_signatures(row: np.ndarray, hv64: np.ndarray, num_rows: int, num_perm: int, seed: int = 1,
-                       chunk: int = 32768) -> np.ndarray:
+                       chunk: int = 8192) -> np.ndarray:
     """MinHash signatures (num_rows x num_perm, uint32) of shingle hashes grouped by `row`
     (sorted). Rows without shingles get datasketch's empty value (all 0xFFFFFFFF)."""
     a, b = permutations(num_perm, seed)
