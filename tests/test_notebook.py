@@ -69,7 +69,7 @@ def test_committed_notebook_has_no_outputs():
 def test_notebook_runs_on_a_small_run(fake_llm, tmp_path, monkeypatch):
     monkeypatch.setenv("GLAN_TEST_KEY", "sk-test-key")
     sets = small_run(tmp_path, fake_llm.url)
-    assert run_pipeline(load_config([], sets)) == 0  # no decontamination: that part of the notebook is skipped
+    assert run_pipeline(load_config([], sets)) == 0
 
     # A python3 kernel running this interpreter (the venv's), found first on JUPYTER_PATH.
     prefix = tmp_path / "jupyter"
@@ -95,5 +95,6 @@ def test_notebook_runs_on_a_small_run(fake_llm, tmp_path, monkeypatch):
     assert "no such table: failures" in outputs(cell_with(nb, "FROM failures"))  # nothing failed: no table
     assert "gpt-4o-mini" in outputs(cell_with(nb, "tokens = query("))
     assert outputs(cell_with(nb, "Tokens by stage"), "image/png")
-    assert "no such table: contamination" in outputs(cell_with(nb, "FROM contamination"))
-    assert "no such table: instructions" in outputs(cell_with(nb, "FROM instructions"))
+    # The run includes the decontaminate stage: nothing was contaminated, every pair is an instruction.
+    assert "pairs_removed" in outputs(cell_with(nb, "FROM contamination"))
+    assert "no such table" not in outputs(cell_with(nb, "FROM instructions"))
