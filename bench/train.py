@@ -1,9 +1,16 @@
 """Training throughput of the DeepSpeed setup jobs/train.py uses: tokens per second and, on a GPU,
-model FLOPs utilisation (MFU = 6 * params * tokens/s / peak FLOPs).
+model FLOPs utilisation.
+
+MFU = flops_per_token * tokens/s / peak, with flops_per_token = 6 * (parameters that take part in
+a matrix product: all but the input embedding, unless it is tied to the output) + 12 * layers *
+hidden * sequence length (attention scores and values, PaLM's convention, causal masking not
+discounted). Recomputation by gradient checkpointing is not counted (that would be HFU).
 
 GPU (a ~1B Llama, bf16, ZeRO-2):
     deepspeed --num_gpus 1 bench/train.py --model-size 1b --bf16 --zero-stage 2
     torchrun --standalone --nproc_per_node 8 bench/train.py --model-size 1b --bf16 --zero-stage 3
+A device machine has torch and transformers but not DeepSpeed: `bash bench/device_wheels.sh`
+here, then carry `.whl` and install it there first (the script's header has the command).
 CPU (a tiny Llama, fp32, a few steps):
     OMP_NUM_THREADS=1 python bench/train.py --model-size tiny --steps 8
 
@@ -41,6 +48,13 @@ def peak_flops_for(device_name: str) -> float | None:
     return next((peak for key, peak in PEAK_FLOPS if key.lower() in device_name.lower()), None)
 
 
+def flops_per_token(config: dict, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of a Llama of this shape; see the docstring."""
+    embedding = 0 if config.get("tie_word_embeddings") else config["vocab_size"] * config["hidden_size"]
+    attention = 12 * config["num_hidden_layers"] * config["hidden_size"] * seq_len
+    return 6 * (num_params - embedding) + attention
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default=None,
@@ -52,7 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--seq-len", type=int, default=None, help="default 2048 GPU, 128 CPU")
     parser.add_argument("--micro-batch-tokens", type=int, default=None, help="default 16384 GPU, 1024 CPU")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                        help="recompute activations (jobs/train.py's default for big models; the 1B "
+                             "model's activations fit in one H100 without it)")
+    parser.add_argument("--attn-implementation", default="sdpa", help="transformers attention kernel")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model through DeepSpeed")
     parser.add_argument("--peak-flops", type=float, default=None, help="per device; default from a table")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -93,6 +111,7 @@ def main(argv: list[str] | None = None) -> float:
                                        world_size=world_size, bf16=bf16)
     torch.manual_seed(0)
     config = LlamaConfig(**MODEL_SIZES[size])
+    config._attn_implementation = args.attn_implementation
     if ds_config["zero_optimization"]["stage"] == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = LlamaForCausalLM(config)
@@ -103,6 +122,8 @@ def main(argv: list[str] | None = None) -> float:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    if args.compile:
+        engine.compile()
 
     generator = torch.Generator().manual_seed(rank)
     tokens = torch.randint(0, config.vocab_size, (sequences, seq_len), generator=generator).to(engine.device)
@@ -127,10 +148,14 @@ def main(argv: list[str] | None = None) -> float:
               f"batch={sequences}x{seq_len} steps={steps} seconds={elapsed:.2f} loss={loss.item():.3f}")
         if on_gpu:
             peak = args.peak_flops or peak_flops_for(device)
+            per_token = flops_per_token(MODEL_SIZES[size], num_params, seq_len)
             if peak:
-                mfu = 6 * num_params * tokens_per_s / (peak * world_size)
-                print(f"mfu={mfu:.3f} (6 x {num_params / 1e9:.2f}B params x tokens/s / "
-                      f"{world_size} x {peak / 1e12:.0f} TFLOPs; gradient checkpointing adds ~33% unseen)")
+                mfu = per_token * tokens_per_s / (peak * world_size)
+                print(f"tokens_per_s_per_gpu={tokens_per_s / world_size:.1f} "
+                      f"model_tflops_per_gpu={per_token * tokens_per_s / world_size / 1e12:.1f} "
+                      f"peak_tflops={peak / 1e12:.0f}")
+                print(f"mfu={mfu:.3f} ({per_token / 1e9:.2f} GFLOPs per token"
+                      f"{'; checkpointing recompute not counted' if args.gradient_checkpointing else ''})")
             else:
                 print(f"mfu=unknown (no peak FLOPs for {device!r}; pass --peak-flops)")
         print(f"tokens_per_s={tokens_per_s:.1f}")

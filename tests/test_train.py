@@ -259,3 +259,32 @@ def test_cpu_smoke_run_learns_saves_and_resumes(tiny_export, tiny_model, tmp_pat
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 25))
     assert (output / "checkpoints" / "latest").read_text().strip() == "step-24"
+
+
+def _bench_train():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).resolve().parents[1] / "bench" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_model_is_1b_and_its_flops_per_token_match_a_hand_count():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bench = _bench_train()
+    shape = bench.MODEL_SIZES["1b"]
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**shape)).parameters())
+    d, ff, layers, vocab = 2048, 5632, 22, 32000
+    kv = d // 32 * 4  # 4 key/value heads of 64
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d  # q, o, k, v, MLP, two norms
+    assert params == layers * per_layer + 2 * vocab * d + d == 1_100_048_384  # TinyLlama-1.1B
+    # The input embedding is a lookup, not a product; the output projection is counted.
+    expected = 6 * (params - vocab * d) + 12 * layers * d * 2048
+    assert bench.flops_per_token(shape, params, 2048) == expected
+    assert bench.flops_per_token({**shape, "tie_word_embeddings": True}, params, 2048) == 6 * params + 12 * layers * d * 2048
+    assert bench.peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.peak_flops_for("NVIDIA H100 PCIe") == 756e12
