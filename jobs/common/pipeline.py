@@ -30,6 +30,9 @@ STAGES: list[tuple[str, str]] = [
     ("decontaminate", "jobs.instructions"),
 ]
 
+# The table each stage ends with, for the hint printed after a run.
+STAGE_TABLE = {"syllabus": "sessions", "combinations": "concept_combinations", "decontaminate": "instructions"}
+
 
 def stage_names() -> list[str]:
     return [name for name, _ in STAGES]
@@ -63,7 +66,8 @@ def run_pipeline(cfg: GlanConfig, stages: list[str] | None = None, disciplines: 
                   file=sys.stderr, flush=True)
     print(f"pipeline finished in {time.monotonic() - started:.1f}s; tables under {cfg.table_uri('')}",
           file=sys.stderr)
-    print(f"query them with:  glan sql \"SELECT * FROM {chosen[-1][0] if chosen else 'taxonomy'} LIMIT 5\""
+    last = chosen[-1][0] if chosen else "taxonomy"
+    print(f"query them with:  glan sql \"SELECT * FROM {STAGE_TABLE.get(last, last)} LIMIT 5\""
           + "".join(f" --conf {s}" for s in cfg.sources if not s.startswith(("conf/base.yaml", "--set"))),
           file=sys.stderr)
     return 0
