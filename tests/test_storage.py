@@ -188,3 +188,20 @@ def test_repeated_keys_across_tasks_of_one_write_are_written_once(spark, storage
     assert result.rows_written == 7
     frame = DeltaTable(storage.uri("things")).to_pandas()
     assert sorted(frame["id"]) == [f"k{i}" for i in range(7)]
+
+
+def test_a_writer_that_loses_the_race_to_create_a_table_keeps_only_its_new_keys(storage, spark, monkeypatch):
+    first = storage.stage(rows(spark, [("a", "1"), ("b", "1")]), "fresh", "id")
+    second = storage.stage(rows(spark, [("b", "2"), ("c", "2")]), "fresh", "id")
+    assert storage.commit(first).rows_written == 2
+    # The second writer looked before the first one's log existed, so it tries to create the table.
+    real_table, calls = storage._table, []
+
+    def looked_too_early(name, version=None):
+        calls.append(name)
+        return None if len(calls) == 1 else real_table(name, version)
+
+    monkeypatch.setattr(storage, "_table", looked_too_early)
+    assert storage.commit(second).rows_written == 1
+    assert ids(storage.read("fresh")) == ["a", "b", "c"]
+    assert storage.read("fresh").filter("id = 'b'").first()["text"] == "1"  # the first writer's row

@@ -344,7 +344,7 @@ class EmbeddedDeltaStorage(Storage):
 
     def commit(self, staged: StagedWrite, operation_note: str = "") -> WriteResult:
         """Phase 2: one Delta commit for every staged file, idempotent through an app transaction."""
-        from deltalake.exceptions import CommitFailedError
+        from deltalake.exceptions import CommitFailedError, DeltaError
 
         if staged.mode == "append" and not staged.files:
             return WriteResult(staged.name, 0, None)
@@ -353,7 +353,9 @@ class EmbeddedDeltaStorage(Storage):
                 version = self._commit_once(staged, operation_note)
                 log.info("committed %s rows to %s (version %s)", staged.rows, staged.name, version)
                 return WriteResult(staged.name, staged.rows, version)
-            except (CommitFailedError, FileExistsError, OSError) as exc:
+            # Two writers creating a table at once: the loser sees FileExistsError or, when the
+            # winner's log is already there, DeltaError("A Delta Lake table already exists ...").
+            except (CommitFailedError, DeltaError, OSError) as exc:
                 done = self._already_committed(staged)
                 if done is not None:
                     return WriteResult(staged.name, staged.rows, done)
