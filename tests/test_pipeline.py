@@ -171,6 +171,14 @@ def test_garbage_and_empty_lists_fill_failures_then_a_rerun_retries_only_them(sp
         text = frame.select(F.concat_ws("|", *[F.col(c).cast("string") for c in frame.columns]).alias("t"))
         assert text.filter(F.col("t").contains("sk-test-key")).count() == 0, name
     assert not table_exists(spark, cfg, "answers")  # nothing half written
+    # Failed calls were paid for: their tokens are in `failed_calls`, so the usage adds up to what was served.
+    from jobs.common.costs import usage_by_stage
+    served = fake_llm.stats()["tokens"]
+    usage = usage_by_stage(spark, cfg)
+    assert sum(u["prompt_tokens"] for u in usage) == served["prompt"] > 0
+    assert sum(u["completion_tokens"] for u in usage) == served["completion"]
+    failed_calls = {(u["stage"], u["calls"]) for u in usage if u["table"] == "failed_calls"}
+    assert ("subjects", 2) in failed_calls
 
     fake_llm.reset()  # the endpoint behaves again
     with gzip.open(SHARED / "benchmarks" / "gsm8k.jsonl.gz", "rt") as f:
@@ -180,6 +188,7 @@ def test_garbage_and_empty_lists_fill_failures_then_a_rerun_retries_only_them(sp
     assert fake_llm.count(kind="subjects_list") == 0          # committed rows are never asked again
     assert fake_llm.count(kind="subjects_convert") == 2       # only the failed ones
     assert table(spark, "failures", cfg).count() == 0         # and they left the table
+    assert table(spark, "failed_calls", cfg).filter("stage = 'subjects'").count() == 2  # their cost stays
     assert table(spark, "answers", cfg).count() == table(spark, "questions", cfg).count()
     # The answer that quotes GSM8K is removed from the instructions, and the report says why.
     contamination = table(spark, "contamination", cfg)
@@ -201,32 +210,58 @@ run_pipeline(cfg)
 """
 
 
+def spooled_rows(folder: Path) -> dict[str, str]:
+    """question_id -> question text of the complete files in a questions spool folder."""
+    import pyarrow.parquet as pq
+    rows = {}
+    for path in sorted(folder.glob("part-*.parquet")) if folder.exists() else []:
+        try:
+            table = pq.read_table(path)
+        except FileNotFoundError:  # committed and removed since the listing
+            continue
+        for row in table.to_pylist():
+            if row["_out"]["error_class"] is None:
+                rows[row["question_id"]] = row["_out"]["text"]
+    return rows
+
+
 def test_run_killed_in_the_questions_stage_resumes_without_paying_twice(spark, fake_llm, tmp_path):
-    reference = make_cfg(tmp_path, fake_llm.url, name="reference", **{"pipeline.commit_every_rows": 8})
+    # Chunks of 8 rows in tasks of 2: a kill finds some chunks committed and, in the chunk under
+    # way, some tasks' results already spooled.
+    small = {"pipeline.commit_every_rows": 16, "pipeline.rows_per_task": 2}
+    reference = make_cfg(tmp_path, fake_llm.url, name="reference", **small)
     assert run_pipeline(reference) == 0
     expected = {(r["question_id"], r["question"]) for r in table(spark, "questions", reference).collect()}
-    assert len(expected) > 24  # several commits' worth
+    assert len(expected) > 32  # several commits' worth
 
     fake_llm.reset()
-    fake_llm.latency_ms = 20  # slow enough to be caught between two commits
-    sets = settings(tmp_path / "killed", tmp_path / "taxonomy.yaml", fake_llm.url,
-                    **{"pipeline.commit_every_rows": 8})
+    fake_llm.latency_ms = 150  # slow enough to be caught inside a chunk
+    sets = settings(tmp_path / "killed", tmp_path / "taxonomy.yaml", fake_llm.url, **small)
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(KILLED_RUN), *sets], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     questions_path = tmp_path / "killed" / "questions"
+    spool = tmp_path / "killed" / "_spool" / "questions.questions"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        if DeltaTable.is_deltatable(str(questions_path)) and DeltaTable(str(questions_path)).version() >= 0:
-            break
-        time.sleep(0.1)
+        if DeltaTable.is_deltatable(str(questions_path)) and any(spool.glob("part-*.parquet")):
+            done = set(DeltaTable(str(questions_path)).to_pyarrow_table(columns=["question_id"]).column(0).to_pylist())
+            if set(spooled_rows(spool)) - done:  # some spooled results are not committed yet
+                break
+        time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its JVM and Python workers, mid-stage
     proc.wait(timeout=60)
-    cfg = make_cfg(tmp_path, fake_llm.url, name="killed", **{"pipeline.commit_every_rows": 8})
+    cfg = make_cfg(tmp_path, fake_llm.url, name="killed", **small)
     committed = {r["question_id"] for r in table(spark, "questions", cfg).collect()}
     assert 0 < len(committed) < len(expected)
     assert not table_exists(spark, cfg, "answers")
+    spooled = {k: v for k, v in spooled_rows(spool).items() if k not in committed}
+    assert spooled, "the kill came between a commit and the next spooled task; nothing to recover"
+    assert set(spooled.items()) <= expected  # the spool holds the very answers the calls returned
+    from jobs.common.status import stage_status
+    status = {r["stage"]: r for r in stage_status(spark, cfg)}
+    assert status["questions"]["spooled"] >= len(spooled) > 0  # `glan status` shows the paid, uncommitted rows
 
     fake_llm.reset()
     fake_llm.latency_ms = 0
@@ -234,6 +269,8 @@ def test_run_killed_in_the_questions_stage_resumes_without_paying_twice(spark, f
     resumed = table(spark, "questions", cfg)
     assert resumed.count() == resumed.select("question_id").distinct().count()  # no duplicates
     assert {(r["question_id"], r["question"]) for r in resumed.collect()} == expected
-    # No LLM call for a row committed before the kill: the rerun asked only for the rest.
-    assert fake_llm.count(kind="question") == len(expected) - len(committed)
+    # No LLM call for a row committed or spooled before the kill: the rerun asked only for the rest.
+    assert fake_llm.count(kind="question") == len(expected) - len(committed) - len(spooled)
     assert fake_llm.count(kind="subjects_list") == 0 and fake_llm.count(kind="syllabus") == 0
+    assert not list(spool.glob("*.parquet"))  # the spool is emptied once committed
+    assert {r["stage"]: r for r in stage_status(spark, cfg)}["questions"]["spooled"] == 0

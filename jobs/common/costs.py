@@ -66,15 +66,21 @@ def usage_by_stage(spark, cfg: GlanConfig) -> list[dict[str, Any]]:
         for name in tables:
             if not storage.exists(name):
                 continue
-            grouped = storage.read(name).groupBy("model").agg(
-                F.count("*").alias("calls"),
-                F.coalesce(F.sum("prompt_tokens"), F.lit(0)).alias("prompt_tokens"),
-                F.coalesce(F.sum("cached_tokens"), F.lit(0)).alias("cached_tokens"),
-                F.coalesce(F.sum("completion_tokens"), F.lit(0)).alias("completion_tokens"),
-            )
-            for r in grouped.collect():
+            for r in _usage_sums(storage.read(name), "model"):
                 rows.append({"stage": stage, "table": name, **r.asDict()})
+    if storage.exists("failed_calls"):  # calls that failed were paid for too
+        for r in _usage_sums(storage.read("failed_calls"), "stage", "model"):
+            rows.append({"table": "failed_calls", **r.asDict()})
     return rows
+
+
+def _usage_sums(frame, *by: str) -> list:
+    return frame.groupBy(*by).agg(
+        F.count("*").alias("calls"),
+        F.coalesce(F.sum("prompt_tokens"), F.lit(0)).alias("prompt_tokens"),
+        F.coalesce(F.sum("cached_tokens"), F.lit(0)).alias("cached_tokens"),
+        F.coalesce(F.sum("completion_tokens"), F.lit(0)).alias("completion_tokens"),
+    ).collect()
 
 
 def priced(rows: list[dict[str, Any]], prices: dict[str, Price]) -> list[dict[str, Any]]:

@@ -4,8 +4,10 @@ per row, write the answers, and keep the `failures` table true.
 A stage hands `run_llm_step` its to-do rows (input keys minus output keys), the prompt and the
 columns the prompt reads, and a function that turns successful rows into output rows. The work is
 split into chunks of about `pipeline.commit_every_rows` rows; each chunk is one Spark job whose
-successful rows are committed to the output table before the next chunk starts, so a killed run
-loses at most one chunk of calls and a rerun pays only for what was not committed.
+tasks write their results to the step's spool (`jobs.common.spool`) as soon as their calls are
+done; the driver then commits the chunk from the spool to the output table and `failures`. A
+killed run loses only the calls in flight: the rerun first commits what the spool holds, then asks
+for the rest.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from jobs.common.config import GlanConfig
 from jobs.common.storage import append_missing, get_storage, overwrite
+from jobs.common.spool import Spool
 from jobs.common.tables import FAILURES
 from udfs.llm_config import StageLLMConfig
-from udfs.llm_udf import concurrent_tasks, llm_udf
+from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf
+from udfs.prompts import load_prompt
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +76,15 @@ class StepResult:
     rows_in: int = 0
     rows_written: int = 0
     failures: int = 0
+    recovered: int = 0  # calls paid by an interrupted run, committed from its spool
     seconds: float = 0.0
 
     def figures(self, prefix: str) -> dict[str, int | float]:
-        return {f"{prefix}_todo": self.rows_in, f"{prefix}_written": self.rows_written,
-                f"{prefix}_failed": self.failures}
+        figures = {f"{prefix}_todo": self.rows_in, f"{prefix}_written": self.rows_written,
+                   f"{prefix}_failed": self.failures}
+        if self.recovered:
+            figures[f"{prefix}_recovered"] = self.recovered
+        return figures
 
 
 def plan_partitions(todo: DataFrame, key: str, cfg: GlanConfig) -> DataFrame:
@@ -118,9 +126,55 @@ def run_llm_step(
     """
     started = time.monotonic()
     result = StepResult()
+    spark = todo.sparkSession
+    spool = Spool(spark, cfg, stage, output)
+    spooled_schema = T.StructType([*todo.schema.fields, T.StructField(RESULT, LLM_RESULT)])
+
+    def commit(called: DataFrame) -> None:
+        """Successes to `output`, failures to `failures`, from rows that already hold their results."""
+        failed_now = _is_failure(F.col(RESULT))
+        ok = called.filter(~failed_now)
+        failed = called.filter(failed_now).withColumn(RESULT, F.col(RESULT).withField(
+            "error_class", F.coalesce(F.col(RESULT)["error_class"], F.lit("empty"))).withField(
+            "error_message", F.coalesce(F.col(RESULT)["error_message"], F.lit("the model returned no text"))))
+        written = append_missing(to_output(ok), output, output_key, cfg)
+        result.rows_written += written.rows_written
+        PROGRESS.update(rows_written=result.rows_written)
+        new_failures = _update_failures(spark, stage, key, called, failed, cfg)
+        result.failures += new_failures
+        if new_failures:
+            _record_failed_usage(failed, stage, key, stage_llm, cfg)
+
+    leftover = spool.leftover()
+    if leftover:
+        # An earlier run paid for these calls and stopped before committing them: commit them now
+        # (only rows still to do, asked with the prompt as it is now) and take them off the work.
+        version = load_prompt(prompt).version
+        spooled = spool.read(leftover, spooled_schema, key, _is_failure(F.col(RESULT)))
+        still_todo = spooled.join(todo.select(key).distinct(), key, "left_semi")
+        current = F.col(RESULT)["prompt_version"] == version
+        usable = still_todo.filter(current)
+        keys = [row[0] for row in usable.select(key).collect()]
+        if keys:
+            commit(usable)
+        # Rows answered with another version of the prompt are asked again; what they cost stays on record.
+        outdated = still_todo.filter(~current).withColumn(RESULT, F.col(RESULT).withField(
+            "error_class", F.lit("outdated_prompt")))
+        if outdated.limit(1).count():
+            _record_failed_usage(outdated, stage, key, stage_llm, cfg)
+        stale = spool.rows(leftover) - len(keys)
+        spool.remove(leftover + spool.partial())
+        result.recovered = len(keys)
+        log.warning("%s: committed %d LLM results an interrupted run had paid for (%d others were already "
+                    "committed or asked with another prompt version)", stage, len(keys), stale)
+        if keys:
+            done = spark.createDataFrame([(k,) for k in keys], T.StructType([todo.schema[key]]))
+            todo = todo.join(F.broadcast(done), key, "left_anti")
+
     rows = todo.count()
-    result.rows_in = rows
+    result.rows_in = rows + result.recovered
     if rows == 0:
+        result.seconds = time.monotonic() - started
         return result
     chunks = max(1, math.ceil(rows / cfg.pipeline.commit_every_rows))
     chunked = todo.withColumn(_CHUNK, F.pmod(F.xxhash64(key, F.lit("chunk")), F.lit(chunks)))
@@ -133,25 +187,25 @@ def run_llm_step(
             part = part.sortWithinPartitions(*sort_within)  # e.g. one subject's questions together
         ask = llm_udf(prompt, cfg.llm, stage_llm, concurrent_tasks=concurrent_tasks(part),
                       base_url=list(cfg.llm.base_urls) or cfg.llm.base_url, **kwargs)
-        called = part.withColumn(RESULT, ask(*inputs, seed=seed))
-        # Materialised once: the LLM is called here and nowhere else; both writes below read it.
-        called = called.persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            called.count()
-            failed_now = _is_failure(F.col(RESULT))
-            ok = called.filter(~failed_now)
-            failed = called.filter(failed_now).withColumn(RESULT, F.col(RESULT).withField(
-                "error_class", F.coalesce(F.col(RESULT)["error_class"], F.lit("empty"))).withField(
-                "error_message", F.coalesce(F.col(RESULT)["error_message"], F.lit("the model returned no text"))))
-            written = append_missing(to_output(ok), output, output_key, cfg)
-            result.rows_written += written.rows_written
-            PROGRESS.update(rows_written=result.rows_written)
-            result.failures += _update_failures(todo.sparkSession, stage, key, called, failed, cfg)
-        finally:
-            called.unpersist()
+        # The LLM is called here and nowhere else: each task spools its results as they come;
+        # both writes below read the spool, and the files go only once both are committed.
+        files = spool.write(part.withColumn(RESULT, ask(*inputs, seed=seed)).select(*spooled_schema.fieldNames()))
+        commit(spool.read(files, spooled_schema, key, _is_failure(F.col(RESULT))))
+        spool.remove(files)
         log.info("%s: chunk %d/%d committed (%d rows so far)", stage, index + 1, chunks, result.rows_written)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _record_failed_usage(failed: DataFrame, stage: str, key: str, stage_llm: StageLLMConfig, cfg: GlanConfig) -> None:
+    """Append the usage of failed calls to `failed_calls`. The id comes from the call's own result,
+    so committing the same spooled rows again (after a kill) adds nothing."""
+    out = F.col(RESULT)
+    call_id = stable_id(F.lit(stage), F.col(key), out["prompt_version"], out["error_class"],
+                        out["error_message"], out["latency_s"], out["prompt_tokens"], out["completion_tokens"])
+    append_missing(failed.select(call_id.alias("call_id"), F.lit(stage).alias("stage"),
+                                 F.col(key).cast("string").alias("row_key"), out["error_class"].alias("error_class"),
+                                 *usage_columns(stage_llm)), "failed_calls", "call_id", cfg)
 
 
 def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: DataFrame, cfg: GlanConfig) -> int:

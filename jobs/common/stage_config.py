@@ -74,7 +74,7 @@ class PipelineConfig:
 
     rows_per_task: int = 64  # a discipline with more rows than this is split over several tasks
     max_tasks: int = 512
-    commit_every_rows: int = 5000  # rows per commit: a killed run loses at most this much work
+    commit_every_rows: int = 5000  # rows per commit; tasks spool their results in between
 
     def __post_init__(self) -> None:
         for name in ("rows_per_task", "max_tasks", "commit_every_rows"):

@@ -162,6 +162,21 @@ ANSWERS = register(TableSpec(
 ))
 
 # Tables whose rows each record one LLM call (for `glan cost` and `glan status`), by stage.
+# Failed calls cost money too: each one's usage is kept here, also after a rerun succeeds and the
+# row leaves `failures`, so that `glan cost` and `glan status` count every call that was paid for.
+FAILED_CALLS = register(TableSpec(
+    name="failed_calls",
+    schema=_schema(
+        ("call_id", T.StringType()),
+        ("stage", T.StringType()),
+        ("row_key", T.StringType()),
+        ("error_class", T.StringType()),
+        *USAGE_FIELDS,
+    ),
+    key=("call_id",),
+    description="usage of every LLM call that ended in `failures` (append-only ledger)",
+))
+
 LLM_TABLES: dict[str, tuple[str, ...]] = {
     "subjects": ("subject_lists", "subject_conversions"),
     "syllabus": ("syllabi", "session_lists"),
