@@ -27,7 +27,7 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
             .filter(F.length(F.trim("question")) > 0))
     step = run_llm_step(
         todo, stage="answers", prompt="answer", stage_llm=ac.llm, inputs=["question"],
-        key="answer_id", output="answers", output_key="answer_id", cfg=cfg,
+        key="answer_id", output="answers", output_key="answer_id", cfg=cfg, scope=chosen,
         to_output=lambda ok: ok.select("answer_id", "question_id", "combination_id", "syllabus_id", "subject_id",
                                        "discipline_id", F.trim(F.col(RESULT)["text"]).alias("answer"),
                                        *usage_columns(ac.llm)),

@@ -35,7 +35,7 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
         todo, stage="questions", prompt="question", stage_llm=qc.llm,
         inputs=["subject_name", "level", "syllabus_text", "concepts", "session_names", "learned_up_to",
                 "learned_up_to_name"],
-        key="question_id", output="questions", output_key="question_id", cfg=cfg,
+        key="question_id", output="questions", output_key="question_id", cfg=cfg, scope=chosen,
         sort_within=("syllabus_id", "combination_index"),
         to_output=lambda ok: ok.select("question_id", "combination_id", "syllabus_id", "subject_id", "discipline_id",
                                        F.trim(F.col(RESULT)["text"]).alias("question"), *usage_columns(qc.llm)),

@@ -71,7 +71,7 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
         storage.missing_rows(requests, "subject_lists", "list_id"),
         stage="subjects", prompt="subjects_list", stage_llm=sc.llm,
         inputs=["discipline", "sub_field", "field"], seed="sample_index",
-        key="list_id", output="subject_lists", output_key="list_id", cfg=cfg,
+        key="list_id", output="subject_lists", output_key="list_id", cfg=cfg, scope=chosen,
         to_output=lambda ok: ok.select("list_id", "discipline_id", F.col("sample_index").cast("int"),
                                        F.col(RESULT)["text"].alias("subjects_text"), *usage_columns(sc.llm)),
     )
@@ -83,7 +83,7 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
         stage="subjects", prompt="subjects_convert", stage_llm=sc.convert_llm,
         schema=subjects_schema(sc.max_subjects_per_sample),
         inputs=["discipline", "subjects_text"],
-        key="list_id", output="subject_conversions", output_key="list_id", cfg=cfg,
+        key="list_id", output="subject_conversions", output_key="list_id", cfg=cfg, scope=chosen,
         to_output=lambda ok: ok.select("list_id", "discipline_id", "sample_index",
                                        F.col(RESULT)["parsed"].alias("subjects_json"), *usage_columns(sc.convert_llm)),
     )

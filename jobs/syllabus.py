@@ -55,7 +55,7 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
     syllabi = run_llm_step(
         todo, stage="syllabus", prompt="syllabus", stage_llm=sy.llm,
         inputs=["subject_name", "level", "subtopics", "discipline"],
-        key="syllabus_id", output="syllabi", output_key="syllabus_id", cfg=cfg,
+        key="syllabus_id", output="syllabi", output_key="syllabus_id", cfg=cfg, scope=chosen,
         to_output=lambda ok: ok.select("syllabus_id", "subject_id", "discipline_id",
                                        F.col(RESULT)["text"].alias("syllabus_text"), *usage_columns(sy.llm)),
     )
@@ -67,7 +67,7 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
         stage="syllabus", prompt="syllabus_extract", stage_llm=sy.extract_llm,
         schema=sessions_schema(sy.max_sessions, sy.max_concepts_per_session),
         inputs=["subject_name", "syllabus_text"],
-        key="syllabus_id", output="session_lists", output_key="syllabus_id", cfg=cfg,
+        key="syllabus_id", output="session_lists", output_key="syllabus_id", cfg=cfg, scope=chosen,
         to_output=lambda ok: ok.select("syllabus_id", "discipline_id", F.col(RESULT)["parsed"].alias("sessions_json"),
                                        *usage_columns(sy.extract_llm)),
     )

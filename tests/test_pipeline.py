@@ -214,7 +214,7 @@ def spooled_rows(folder: Path) -> dict[str, str]:
     """question_id -> question text of the complete files in a questions spool folder."""
     import pyarrow.parquet as pq
     rows = {}
-    for path in sorted(folder.glob("part-*.parquet")) if folder.exists() else []:
+    for path in sorted(folder.glob("*/part-*.parquet")) if folder.exists() else []:
         try:
             table = pq.read_table(path)
         except FileNotFoundError:  # committed and removed since the listing
@@ -244,7 +244,7 @@ def test_run_killed_in_the_questions_stage_resumes_without_paying_twice(spark, f
     spool = tmp_path / "killed" / "_spool" / "questions.questions"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        if DeltaTable.is_deltatable(str(questions_path)) and any(spool.glob("part-*.parquet")):
+        if DeltaTable.is_deltatable(str(questions_path)) and any(spool.glob("*/part-*.parquet")):
             done = set(DeltaTable(str(questions_path)).to_pyarrow_table(columns=["question_id"]).column(0).to_pylist())
             if set(spooled_rows(spool)) - done:  # some spooled results are not committed yet
                 break
@@ -272,5 +272,5 @@ def test_run_killed_in_the_questions_stage_resumes_without_paying_twice(spark, f
     # No LLM call for a row committed or spooled before the kill: the rerun asked only for the rest.
     assert fake_llm.count(kind="question") == len(expected) - len(committed) - len(spooled)
     assert fake_llm.count(kind="subjects_list") == 0 and fake_llm.count(kind="syllabus") == 0
-    assert not list(spool.glob("*.parquet"))  # the spool is emptied once committed
+    assert not list(spool.rglob("*.parquet"))  # the spool is emptied once committed
     assert {r["stage"]: r for r in stage_status(spark, cfg)}["questions"]["spooled"] == 0

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+import subprocess
+import sys
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +17,7 @@ from pyspark.sql import functions as F
 from jobs.common.config import load_config
 from jobs.common.errors import GlanError
 from jobs.common.llmstage import RESULT, _is_failure, run_llm_step
-from jobs.common.spool import Spool
+from jobs.common.spool import _HEARTBEAT, OWNER, Spool, owner_is_dead
 from jobs.common.storage import read_table
 from udfs.llm_udf import llm_udf
 
@@ -44,10 +49,21 @@ def step(todo, cfg):
                                        F.col(RESULT)["prompt_version"].alias("prompt_version")))
 
 
+def dead_run(spark, cfg, name="dead-run") -> Spool:
+    """The spool of another run that is gone: a process on this host that no longer exists."""
+    spool = Spool(spark, cfg, "test", "t_answers", run_id=name)
+    spool._ensure_open()
+    _HEARTBEAT.discard(spool.uri)  # its heart stopped
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = json.loads(Path(spool.uri, OWNER).read_text())
+    Path(spool.uri, OWNER).write_text(json.dumps({**owner, "pid": int(finished.stdout)}))
+    return spool
+
+
 def test_a_rerun_commits_what_the_interrupted_run_spooled_and_asks_only_for_the_rest(spark, fake_llm, tmp_path):
     cfg = make_cfg(tmp_path, fake_llm.url)
     todo = questions(spark, 10)
-    spool = Spool(spark, cfg, "test", "t_answers")
+    spool = dead_run(spark, cfg)
     # An interrupted run: the calls of four rows were made and spooled, nothing was committed.
     ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url)
     called = todo.filter("question_id < 'q04'").withColumn(RESULT, ask("question"))
@@ -72,7 +88,7 @@ def test_a_rerun_commits_what_the_interrupted_run_spooled_and_asks_only_for_the_
     assert answers["q05"]["answer"] != "stale"
     outdated = read_table(spark, "failed_calls", cfg).collect()  # paid for, so still on record
     assert [(r["row_key"], r["error_class"]) for r in outdated] == [("q05", "outdated_prompt")]
-    assert not list(Path(spool.uri).iterdir())  # nothing left behind
+    assert not Path(spool.uri).exists() and not list(Path(spool.base).rglob("*.parquet"))  # nothing left behind
 
     fake_llm.reset()  # as a stage does: the work is the input keys minus the output keys
     done = read_table(spark, "t_answers", cfg).select(F.col("answer_id").alias("question_id"))
@@ -104,3 +120,58 @@ def test_spool_files_of_another_shape_are_a_one_line_error(spark, fake_llm, tmp_
     message = str(err.value)
     assert "\n" not in message and spool.uri in message and "move the folder away" in message
     assert fake_llm.count(kind="answer") == 0  # nothing asked while the spool is in doubt
+
+
+def test_a_live_runs_spool_is_left_to_it(spark, fake_llm, tmp_path):
+    cfg = make_cfg(tmp_path, fake_llm.url)
+    live = Spool(spark, cfg, "test", "t_answers", run_id="live-run")  # this process: alive, heartbeat fresh
+    ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url)
+    files = live.write(questions(spark, 2).withColumn(RESULT, ask("question")))
+    fake_llm.reset()
+    result = step(questions(spark, 2), cfg)
+    assert result.recovered == 0 and fake_llm.count(kind="answer") == 2  # not taken from a live run
+    assert sorted(p.name for p in Path(live.uri).glob("part-*")) == sorted(files)
+    live.close()  # its files stay: they are not committed
+    assert sorted(p.name for p in Path(live.uri).glob("part-*")) == sorted(files)
+
+
+def test_a_run_of_one_slice_commits_only_its_disciplines_and_leaves_the_rest(spark, fake_llm, tmp_path):
+    cfg = make_cfg(tmp_path, fake_llm.url)
+    todo = questions(spark, 6)  # d0: q00 q02 q04; d1: q01 q03 q05
+    spool = dead_run(spark, cfg)
+    ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url)
+    spool.write(todo.withColumn(RESULT, ask("question")))
+    fake_llm.reset()
+
+    def run_slice(discipline):
+        scope = spark.createDataFrame([(discipline,)], "discipline_id string")
+        done = (read_table(spark, "t_answers", cfg).select(F.col("answer_id").alias("question_id"))
+                if Path(cfg.table_uri("t_answers")).exists() else None)
+        mine = todo.filter(F.col("discipline_id") == discipline)
+        mine = mine.join(done, "question_id", "left_anti") if done is not None else mine
+        return run_llm_step(
+            mine, stage="test", prompt="answer", stage_llm=cfg.answers.llm, inputs=["question"], key="question_id",
+            output="t_answers", output_key="answer_id", cfg=cfg, scope=scope,
+            to_output=lambda ok: ok.select(F.col("question_id").alias("answer_id"), F.col(RESULT)["text"].alias("answer"),
+                                           F.col(RESULT)["prompt_version"].alias("prompt_version")))
+
+    assert run_slice("d0").recovered == 3
+    assert Path(spool.uri).exists()  # d1's rows wait for a run of d1
+    assert run_slice("d1").recovered == 3
+    assert fake_llm.count(kind="answer") == 0  # six rows, all paid once, by the dead run
+    assert sorted(r["answer_id"] for r in read_table(spark, "t_answers", cfg).collect()) == [f"q{i:02d}" for i in range(6)]
+    assert not Path(spool.uri).exists()
+
+
+def test_owner_liveness():
+    import os
+    import socket
+
+    now = time.time()
+    here = {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": now}
+    assert not owner_is_dead(here, 900, now)
+    assert owner_is_dead(None, 900, now)                                  # no owner file
+    assert owner_is_dead({**here, "heartbeat": now - 901}, 900, now)      # silent too long
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert owner_is_dead({**here, "pid": int(finished.stdout)}, 900, now)  # same host, process gone
+    assert not owner_is_dead({**here, "host": "another-host", "pid": 1}, 900, now)  # cannot see its processes

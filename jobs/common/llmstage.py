@@ -117,12 +117,14 @@ def run_llm_step(
     schema: dict | None | object = ...,
     seed: str | Column | None = None,
     sort_within: Sequence[str] = (),
+    scope: DataFrame | None = None,
 ) -> StepResult:
     """Call `prompt` for every row of `todo` and append the successes to `output`.
 
     `to_output` gets the successful rows (with the result struct in column `_out`) and returns
     rows in the output table's schema. Rows whose call failed go to `failures` (stage, key); rows
-    that succeed leave it.
+    that succeed leave it. `scope` (rows with `discipline_id`) is the run's slice of the taxonomy:
+    spooled results of dead runs are committed only for those disciplines (None: all).
     """
     started = time.monotonic()
     result = StepResult()
@@ -145,14 +147,22 @@ def run_llm_step(
         if new_failures:
             _record_failed_usage(failed, stage, key, stage_llm, cfg)
 
-    leftover = spool.leftover()
-    if leftover:
-        # An earlier run paid for these calls and stopped before committing them: commit them now
-        # (only rows still to do, asked with the prompt as it is now) and take them off the work.
-        version = load_prompt(prompt).version
-        spooled = spool.read(leftover, spooled_schema, key, _is_failure(F.col(RESULT)))
-        still_todo = spooled.join(todo.select(key).distinct(), key, "left_semi")
-        current = F.col(RESULT)["prompt_version"] == version
+    for orphan in spool.orphans():
+        if not orphan.files:  # it died before any task finished
+            spool.keep_only(orphan, None)
+            continue
+        # A run that is gone paid for these calls and did not commit them: commit the rows of this
+        # run's disciplines that are still to do (asked with the prompt as it is now), take them
+        # off the work, and leave the rows of other disciplines for the runs of those.
+        spooled = spool.read(orphan.files, spooled_schema, key, _is_failure(F.col(RESULT)), folder=orphan.uri)
+        if scope is not None:
+            ids = [row[0] for row in scope.select("discipline_id").distinct().collect()]
+            in_scope = F.col("discipline_id").isin(ids)
+            mine, others = spooled.filter(in_scope), spooled.filter(~in_scope)
+        else:
+            mine, others = spooled, spooled.limit(0)
+        still_todo = mine.join(todo.select(key).distinct(), key, "left_semi")
+        current = F.col(RESULT)["prompt_version"] == load_prompt(prompt).version
         usable = still_todo.filter(current)
         keys = [row[0] for row in usable.select(key).collect()]
         if keys:
@@ -162,11 +172,10 @@ def run_llm_step(
             "error_class", F.lit("outdated_prompt")))
         if outdated.limit(1).count():
             _record_failed_usage(outdated, stage, key, stage_llm, cfg)
-        stale = spool.rows(leftover) - len(keys)
-        spool.remove(leftover + spool.partial())
-        result.recovered = len(keys)
-        log.warning("%s: committed %d LLM results an interrupted run had paid for (%d others were already "
-                    "committed or asked with another prompt version)", stage, len(keys), stale)
+        spool.keep_only(orphan, others)
+        result.recovered += len(keys)
+        log.warning("%s: committed %d LLM results that an interrupted run had paid for (%s)",
+                    stage, len(keys), orphan.uri)
         if keys:
             done = spark.createDataFrame([(k,) for k in keys], T.StructType([todo.schema[key]]))
             todo = todo.join(F.broadcast(done), key, "left_anti")
@@ -176,6 +185,20 @@ def run_llm_step(
     if rows == 0:
         result.seconds = time.monotonic() - started
         return result
+    try:
+        _run_chunks(todo, rows, spool, commit, spooled_schema, prompt=prompt, stage=stage, stage_llm=stage_llm,
+                    inputs=inputs, key=key, cfg=cfg, schema=schema, seed=seed, sort_within=sort_within, result=result)
+    finally:
+        spool.close()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _run_chunks(todo: DataFrame, rows: int, spool: Spool, commit: Callable[[DataFrame], None],
+                spooled_schema: T.StructType, *, prompt: str, stage: str, stage_llm: StageLLMConfig,
+                inputs: Sequence[str | Column], key: str, cfg: GlanConfig, schema: dict | None | object,
+                seed: str | Column | None, sort_within: Sequence[str], result: StepResult) -> None:
+    """Call the LLM chunk by chunk; each chunk is spooled by its tasks, then committed."""
     chunks = max(1, math.ceil(rows / cfg.pipeline.commit_every_rows))
     chunked = todo.withColumn(_CHUNK, F.pmod(F.xxhash64(key, F.lit("chunk")), F.lit(chunks)))
     kwargs = {} if schema is ... else {"schema": schema}
@@ -193,8 +216,6 @@ def run_llm_step(
         commit(spool.read(files, spooled_schema, key, _is_failure(F.col(RESULT))))
         spool.remove(files)
         log.info("%s: chunk %d/%d committed (%d rows so far)", stage, index + 1, chunks, result.rows_written)
-    result.seconds = time.monotonic() - started
-    return result
 
 
 def _record_failed_usage(failed: DataFrame, stage: str, key: str, stage_llm: StageLLMConfig, cfg: GlanConfig) -> None:

@@ -1,15 +1,20 @@
 """LLM results written down by the task that paid for them, before anything is committed.
 
 Each Arrow batch of LLM results (a task's rows, usually) is written as one Parquet file under
-`<run_root>/_spool/<stage>.<output>/` the moment its calls are done, by the task itself. The driver
-then commits the chunk from those files and deletes them. So:
+`<run_root>/_spool/<stage>.<output>/<run id>/` the moment its calls are done, by the task itself.
+The driver then commits the chunk from those files and deletes them. So:
 
-- a run killed mid-chunk loses only the calls still in flight: the rerun commits what the spool
-  holds before it asks for anything;
+- a run killed mid-chunk loses only the calls still in flight: the next run of that stage commits
+  what the dead run's folder holds before it asks for anything;
 - a lost executor or a failed commit never makes Spark recompute (and pay for) finished calls,
   because the results live in storage, not in an executor's cache;
 - a task attempt retried by Spark may leave a second file with the same keys; reading dedupes by
   key and prefers a success.
+
+Every run has its own folder with an `_owner.json` (host, pid, heartbeat every 30 s), so runs of
+other discipline slices can work on the same run root at once: a run takes over only folders whose
+owner is dead (same host and the process is gone, or no heartbeat for
+`pipeline.spool_stale_after_s`), and only the rows of its own disciplines.
 
 A file appears under its final name only when complete (written under a `_`-prefixed name and
 renamed on local disks; object stores publish an object only when its upload is closed).
@@ -17,14 +22,20 @@ renamed on local disks; object stores publish an object only when its upload is 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.pandas.types import to_arrow_schema
@@ -35,6 +46,9 @@ from jobs.common.errors import GlanError
 log = logging.getLogger(__name__)
 
 SPOOL_DIR = "_spool"
+OWNER = "_owner.json"
+HEARTBEAT_S = 30.0
+RUN_ID = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # this driver process
 _FILES = T.StructType([T.StructField("path", T.StringType()), T.StructField("rows", T.LongType())])
 
 
@@ -43,6 +57,15 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if uri.startswith("dbfs:/"):
         uri = "/dbfs/" + uri[len("dbfs:/"):].lstrip("/")
     return pafs.FileSystem.from_uri(uri)
+
+
+def _list(fs: pafs.FileSystem, root: str, kind: pafs.FileType = pafs.FileType.File) -> list[str]:
+    selector = pafs.FileSelector(root, allow_not_found=True)
+    return sorted(info.base_name for info in fs.get_file_info(selector) if info.type == kind)
+
+
+def _parquet(names: list[str]) -> list[str]:
+    return [n for n in names if n.endswith(".parquet")]
 
 
 def _writer(uri: str, write_id: str):
@@ -70,76 +93,204 @@ def _writer(uri: str, write_id: str):
     return write
 
 
-class Spool:
-    """The spool folder of one LLM step (`stage` writing `output`)."""
+# ---------------------------------------------------------------------------------------------
+# Owners: who is writing a folder, and whether they are still alive
 
-    def __init__(self, spark: SparkSession, cfg: GlanConfig, stage: str, output: str) -> None:
+
+class _Heartbeat:
+    """One daemon thread per driver that rewrites the owner file of every open spool folder."""
+
+    def __init__(self) -> None:
+        self.folders: dict[str, tuple[pafs.FileSystem, str]] = {}
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, uri: str, fs: pafs.FileSystem, root: str) -> None:
+        with self.lock:
+            self.folders[uri] = (fs, root)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="glan-spool-heartbeat", daemon=True)
+                self.thread.start()
+
+    def discard(self, uri: str) -> None:
+        with self.lock:
+            self.folders.pop(uri, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            with self.lock:
+                folders = list(self.folders.values())
+            for fs, root in folders:
+                try:
+                    _write_owner(fs, root)
+                except OSError as exc:  # storage hiccup: the next beat tries again
+                    log.debug("spool heartbeat for %s failed: %s", root, exc)
+
+
+_HEARTBEAT = _Heartbeat()
+
+
+def _write_owner(fs: pafs.FileSystem, root: str) -> None:
+    owner = {"run_id": RUN_ID, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+    with fs.open_output_stream(f"{root}/{OWNER}") as sink:
+        sink.write(json.dumps(owner).encode())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_is_dead(owner: dict | None, stale_after_s: float, now: float | None = None) -> bool:
+    """A folder's writer is gone: no owner file, no heartbeat for `stale_after_s`, or (same host)
+    its process no longer exists."""
+    if not owner:
+        return True
+    now = time.time() if now is None else now
+    if now - float(owner.get("heartbeat", 0)) > stale_after_s:
+        return True
+    return owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1)))
+
+
+@dataclass
+class Orphan:
+    """The folder of a dead run: its complete files and the ones it was still writing."""
+
+    uri: str
+    files: list[str]
+    partial: list[str]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Spool:
+    """This run's spool folder for one LLM step (`stage` writing `output`), and the step's orphans."""
+
+    def __init__(self, spark: SparkSession, cfg: GlanConfig, stage: str, output: str, run_id: str = RUN_ID) -> None:
         self.spark = spark
-        self.uri = f"{cfg.table_uri(SPOOL_DIR).rstrip('/')}/{stage}.{output}"
+        self.stale_after_s = float(cfg.pipeline.spool_stale_after_s)
+        self.base = f"{cfg.table_uri(SPOOL_DIR).rstrip('/')}/{stage}.{output}"
+        self.run_id = run_id
+        self.uri = f"{self.base}/{run_id}"
         self.fs, self.root = _filesystem(self.uri)
+        self._base_root = _filesystem(self.base)[1]
+        self._open = False
+
+    def _ensure_open(self) -> None:
+        if not self._open:
+            self.fs.create_dir(self.root, recursive=True)
+            _write_owner(self.fs, self.root)
+            _HEARTBEAT.add(self.uri, self.fs, self.root)
+            self._open = True
 
     def write(self, called: DataFrame) -> list[str]:
         """Run the job that computes `called` (the LLM calls) and spool its rows; the file names."""
-        self.fs.create_dir(self.root, recursive=True)
+        self._ensure_open()
         meta = called.mapInArrow(_writer(self.uri, uuid.uuid4().hex[:12]), _FILES).collect()
         return [row["path"] for row in meta]
 
-    @staticmethod
-    def _list(fs: pafs.FileSystem, root: str) -> list[str]:
-        selector = pafs.FileSelector(root, allow_not_found=True)
-        return sorted(info.base_name for info in fs.get_file_info(selector)
-                      if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"))
-
-    def _names(self) -> list[str]:
-        return self._list(self.fs, self.root)
-
-    def leftover(self) -> list[str]:
-        """Complete files left by an earlier run that stopped before committing them."""
-        return [name for name in self._names() if not name.startswith(("_", "."))]
-
-    def partial(self) -> list[str]:
-        """Files a killed task was still writing: unreadable, and never committed."""
-        return [name for name in self._names() if name.startswith("_")]
-
-    def rows(self, names: list[str] | None = None) -> int:
-        """Rows in the given spool files (default: all complete ones), read from their footers."""
-        return sum(pq.ParquetFile(self.fs.open_input_file(f"{self.root}/{name}")).metadata.num_rows
-                   for name in (self.leftover() if names is None else names))
-
-    def read(self, names: list[str], schema: T.StructType, key: str, failed: "F.Column") -> DataFrame:
+    def read(self, names: list[str], schema: T.StructType, key: str, failed: Column,
+             folder: str | None = None) -> DataFrame:
         """The spooled rows, one per key (a retried task attempt may have spooled a key twice; a
         success wins over a failure). Files of another shape are a one-line error, not a guess."""
+        folder = folder or self.uri
         if not names:
             return self.spark.createDataFrame([], schema)
-        found = pq.read_schema(self.fs.open_input_file(f"{self.root}/{names[0]}")).names
+        fs, root = _filesystem(folder)
+        found = pq.read_schema(fs.open_input_file(f"{root}/{names[0]}")).names
         if sorted(found) != sorted(schema.fieldNames()):
-            raise GlanError(f"spool {self.uri} holds LLM results with columns {', '.join(found)}, not "
+            raise GlanError(f"spool {folder} holds LLM results with columns {', '.join(found)}, not "
                             f"{', '.join(schema.fieldNames())} (written by another version of this stage): "
                             f"rerun with that version, or move the folder away to ask for those rows again")
-        frame = self.spark.read.schema(schema).parquet(*[f"{self.uri}/{name}" for name in names])
+        frame = self.spark.read.schema(schema).parquet(*[f"{folder}/{name}" for name in names])
         best = Window.partitionBy(key).orderBy(failed.cast("int"), F.col("_spool_file"))
         return (frame.withColumn("_spool_file", F.input_file_name())
                 .withColumn("_spool_rank", F.row_number().over(best))
                 .filter(F.col("_spool_rank") == 1).drop("_spool_rank", "_spool_file"))
 
-    def remove(self, names: list[str]) -> None:
+    def remove(self, names: list[str], folder: str | None = None) -> None:
         """Forget files whose rows are committed."""
+        fs, root = _filesystem(folder or self.uri)
         for name in names:
             try:
-                self.fs.delete_file(f"{self.root}/{name}")
+                fs.delete_file(f"{root}/{name}")
             except FileNotFoundError:
                 pass
+
+    def close(self) -> None:
+        """The step is done: stop the heartbeat and remove this run's folder if nothing is left in it."""
+        _HEARTBEAT.discard(self.uri)
+        if self._open and not _parquet(_list(self.fs, self.root)):
+            self.fs.delete_dir(self.root)
+        self._open = False
+
+    def orphans(self) -> list[Orphan]:
+        """Folders of this step left by runs that are gone. Live runs' folders are left alone."""
+        found = []
+        for run_id in _list(self.fs, self._base_root, pafs.FileType.Directory):
+            uri, root = f"{self.base}/{run_id}", f"{self._base_root}/{run_id}"
+            names = _list(self.fs, root)
+            if run_id == self.run_id:  # an earlier step of this process that stopped on an error
+                if _parquet(names):
+                    found.append(Orphan(uri, [n for n in _parquet(names) if not n.startswith(("_", "."))],
+                                        [n for n in _parquet(names) if n.startswith("_")]))
+                continue
+            owner = None
+            if OWNER in names:
+                try:
+                    owner = json.loads(self.fs.open_input_stream(f"{root}/{OWNER}").read())
+                except (OSError, ValueError):
+                    owner = None  # cut off mid-write: the writer died
+            if not owner_is_dead(owner, self.stale_after_s):
+                log.warning("spool %s belongs to a run still alive (host %s, pid %s); leaving it to that run",
+                            uri, owner.get("host"), owner.get("pid"))
+                continue
+            files = [n for n in _parquet(names) if not n.startswith(("_", "."))]
+            partial = [n for n in _parquet(names) if n.startswith("_")]
+            found.append(Orphan(uri, files, partial))
+        return found
+
+    def rows(self, names: list[str], folder: str | None = None) -> int:
+        """Rows in the given spool files, read from their footers."""
+        fs, root = _filesystem(folder or self.uri)
+        return sum(pq.ParquetFile(fs.open_input_file(f"{root}/{name}")).metadata.num_rows for name in names)
+
+    def keep_only(self, orphan: Orphan, frame: DataFrame | None) -> None:
+        """Replace an orphan's files by `frame` (rows of other discipline slices, left for their runs);
+        drop the folder when nothing is left."""
+        fs, root = _filesystem(orphan.uri)
+        table = frame.toArrow() if frame is not None and frame.limit(1).count() else None
+        if table is not None and table.num_rows:
+            name = f"part-kept-{uuid.uuid4().hex[:12]}.parquet"
+            with fs.open_output_stream(f"{root}/_{name}") as sink:
+                pq.write_table(table, sink, compression="zstd")
+            fs.move(f"{root}/_{name}", f"{root}/{name}")
+            self.remove(orphan.files + orphan.partial, orphan.uri)
+            return
+        self.remove(orphan.files + orphan.partial, orphan.uri)
+        try:
+            fs.delete_dir(root)
+        except FileNotFoundError:
+            pass
 
 
 def spooled_by_stage(cfg: GlanConfig) -> dict[str, int]:
     """Rows paid for and spooled but not committed yet, per stage (the next run commits them)."""
     fs, root = _filesystem(cfg.table_uri(SPOOL_DIR))
     counts: dict[str, int] = {}
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if info.type == pafs.FileType.Directory and "." in info.base_name:
-            for name in Spool._list(fs, info.path):
+    for step in _list(fs, root, pafs.FileType.Directory):
+        stage = step.split(".", 1)[0]
+        for run_id in _list(fs, f"{root}/{step}", pafs.FileType.Directory):
+            folder = f"{root}/{step}/{run_id}"
+            for name in _parquet(_list(fs, folder)):
                 if not name.startswith(("_", ".")):
-                    meta = pq.ParquetFile(fs.open_input_file(f"{info.path}/{name}")).metadata
-                    stage = info.base_name.split(".", 1)[0]
+                    meta = pq.ParquetFile(fs.open_input_file(f"{folder}/{name}")).metadata
                     counts[stage] = counts.get(stage, 0) + meta.num_rows
     return counts

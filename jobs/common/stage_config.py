@@ -75,8 +75,11 @@ class PipelineConfig:
     rows_per_task: int = 64  # a discipline with more rows than this is split over several tasks
     max_tasks: int = 512
     commit_every_rows: int = 5000  # rows per commit; tasks spool their results in between
+    spool_stale_after_s: float = 900.0  # no heartbeat this long (another host): the spool's run is dead
 
     def __post_init__(self) -> None:
         for name in ("rows_per_task", "max_tasks", "commit_every_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.spool_stale_after_s < 60:
+            raise ValueError(f"spool_stale_after_s={self.spool_stale_after_s} must be >= 60 (heartbeats come every 30 s)")
