@@ -40,13 +40,19 @@ def questions(spark, n: int):
     return spark.createDataFrame(rows, "discipline_id string, question_id string, question string")
 
 
-def step(todo, cfg):
+def step(todo, cfg, scope=None):
     return run_llm_step(
         todo, stage="test", prompt="answer", stage_llm=cfg.answers.llm, inputs=["question"], key="question_id",
-        output="t_answers", output_key="answer_id", cfg=cfg,
+        output="t_answers", output_key="answer_id", cfg=cfg, scope=scope,
         to_output=lambda ok: ok.select(F.col("question_id").alias("answer_id"),
                                        F.col(RESULT)["text"].alias("answer"),
                                        F.col(RESULT)["prompt_version"].alias("prompt_version")))
+
+
+def exited_pid() -> int:
+    """The pid of a process of this host that has exited."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(finished.stdout)
 
 
 def dead_run(spark, cfg, name="dead-run") -> Spool:
@@ -54,9 +60,8 @@ def dead_run(spark, cfg, name="dead-run") -> Spool:
     spool = Spool(spark, cfg, "test", "t_answers", run_id=name)
     spool._ensure_open()
     _HEARTBEAT.discard(spool.uri)  # its heart stopped
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     owner = json.loads(Path(spool.uri, OWNER).read_text())
-    Path(spool.uri, OWNER).write_text(json.dumps({**owner, "pid": int(finished.stdout)}))
+    Path(spool.uri, OWNER).write_text(json.dumps({**owner, "pid": exited_pid()}))
     return spool
 
 
@@ -149,11 +154,7 @@ def test_a_run_of_one_slice_commits_only_its_disciplines_and_leaves_the_rest(spa
                 if Path(cfg.table_uri("t_answers")).exists() else None)
         mine = todo.filter(F.col("discipline_id") == discipline)
         mine = mine.join(done, "question_id", "left_anti") if done is not None else mine
-        return run_llm_step(
-            mine, stage="test", prompt="answer", stage_llm=cfg.answers.llm, inputs=["question"], key="question_id",
-            output="t_answers", output_key="answer_id", cfg=cfg, scope=scope,
-            to_output=lambda ok: ok.select(F.col("question_id").alias("answer_id"), F.col(RESULT)["text"].alias("answer"),
-                                           F.col(RESULT)["prompt_version"].alias("prompt_version")))
+        return step(mine, cfg, scope=scope)
 
     assert run_slice("d0").recovered == 3
     assert Path(spool.uri).exists()  # d1's rows wait for a run of d1
@@ -172,6 +173,5 @@ def test_owner_liveness():
     assert not owner_is_dead(here, 900, now)
     assert owner_is_dead(None, 900, now)                                  # no owner file
     assert owner_is_dead({**here, "heartbeat": now - 901}, 900, now)      # silent too long
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    assert owner_is_dead({**here, "pid": int(finished.stdout)}, 900, now)  # same host, process gone
+    assert owner_is_dead({**here, "pid": exited_pid()}, 900, now)  # same host, process gone
     assert not owner_is_dead({**here, "host": "another-host", "pid": 1}, 900, now)  # cannot see its processes

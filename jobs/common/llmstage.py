@@ -160,7 +160,7 @@ def run_llm_step(
             in_scope = F.col("discipline_id").isin(ids)
             mine, others = spooled.filter(in_scope), spooled.filter(~in_scope)
         else:
-            mine, others = spooled, spooled.limit(0)
+            mine, others = spooled, None
         still_todo = mine.join(todo.select(key).distinct(), key, "left_semi")
         current = F.col(RESULT)["prompt_version"] == load_prompt(prompt).version
         usable = still_todo.filter(current)

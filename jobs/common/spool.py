@@ -64,8 +64,14 @@ def _list(fs: pafs.FileSystem, root: str, kind: pafs.FileType = pafs.FileType.Fi
     return sorted(info.base_name for info in fs.get_file_info(selector) if info.type == kind)
 
 
-def _parquet(names: list[str]) -> list[str]:
-    return [n for n in names if n.endswith(".parquet")]
+def _split(names: list[str]) -> tuple[list[str], list[str]]:
+    """The complete spool files among `names`, and those a task was still writing (`_` names)."""
+    parquet = [n for n in names if n.endswith(".parquet")]
+    return [n for n in parquet if not n.startswith(("_", "."))], [n for n in parquet if n.startswith("_")]
+
+
+def _num_rows(fs: pafs.FileSystem, path: str) -> int:
+    return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
 
 
 def _writer(uri: str, write_id: str):
@@ -227,7 +233,7 @@ class Spool:
     def close(self) -> None:
         """The step is done: stop the heartbeat and remove this run's folder if nothing is left in it."""
         _HEARTBEAT.discard(self.uri)
-        if self._open and not _parquet(_list(self.fs, self.root)):
+        if self._open and not any(_split(_list(self.fs, self.root))):
             self.fs.delete_dir(self.root)
         self._open = False
 
@@ -237,10 +243,10 @@ class Spool:
         for run_id in _list(self.fs, self._base_root, pafs.FileType.Directory):
             uri, root = f"{self.base}/{run_id}", f"{self._base_root}/{run_id}"
             names = _list(self.fs, root)
+            files, partial = _split(names)
             if run_id == self.run_id:  # an earlier step of this process that stopped on an error
-                if _parquet(names):
-                    found.append(Orphan(uri, [n for n in _parquet(names) if not n.startswith(("_", "."))],
-                                        [n for n in _parquet(names) if n.startswith("_")]))
+                if files or partial:
+                    found.append(Orphan(uri, files, partial))
                 continue
             owner = None
             if OWNER in names:
@@ -252,33 +258,30 @@ class Spool:
                 log.warning("spool %s belongs to a run still alive (host %s, pid %s); leaving it to that run",
                             uri, owner.get("host"), owner.get("pid"))
                 continue
-            files = [n for n in _parquet(names) if not n.startswith(("_", "."))]
-            partial = [n for n in _parquet(names) if n.startswith("_")]
             found.append(Orphan(uri, files, partial))
         return found
 
     def rows(self, names: list[str], folder: str | None = None) -> int:
         """Rows in the given spool files, read from their footers."""
         fs, root = _filesystem(folder or self.uri)
-        return sum(pq.ParquetFile(fs.open_input_file(f"{root}/{name}")).metadata.num_rows for name in names)
+        return sum(_num_rows(fs, f"{root}/{name}") for name in names)
 
     def keep_only(self, orphan: Orphan, frame: DataFrame | None) -> None:
         """Replace an orphan's files by `frame` (rows of other discipline slices, left for their runs);
         drop the folder when nothing is left."""
         fs, root = _filesystem(orphan.uri)
-        table = frame.toArrow() if frame is not None and frame.limit(1).count() else None
+        table = frame.toArrow() if frame is not None else None  # read before the files it comes from go
         if table is not None and table.num_rows:
             name = f"part-kept-{uuid.uuid4().hex[:12]}.parquet"
             with fs.open_output_stream(f"{root}/_{name}") as sink:
                 pq.write_table(table, sink, compression="zstd")
             fs.move(f"{root}/_{name}", f"{root}/{name}")
-            self.remove(orphan.files + orphan.partial, orphan.uri)
-            return
         self.remove(orphan.files + orphan.partial, orphan.uri)
-        try:
-            fs.delete_dir(root)
-        except FileNotFoundError:
-            pass
+        if table is None or not table.num_rows:
+            try:
+                fs.delete_dir(root)
+            except FileNotFoundError:
+                pass
 
 
 def spooled_by_stage(cfg: GlanConfig) -> dict[str, int]:
@@ -289,8 +292,6 @@ def spooled_by_stage(cfg: GlanConfig) -> dict[str, int]:
         stage = step.split(".", 1)[0]
         for run_id in _list(fs, f"{root}/{step}", pafs.FileType.Directory):
             folder = f"{root}/{step}/{run_id}"
-            for name in _parquet(_list(fs, folder)):
-                if not name.startswith(("_", ".")):
-                    meta = pq.ParquetFile(fs.open_input_file(f"{folder}/{name}")).metadata
-                    counts[stage] = counts.get(stage, 0) + meta.num_rows
+            files, _ = _split(_list(fs, folder))
+            counts[stage] = counts.get(stage, 0) + sum(_num_rows(fs, f"{folder}/{name}") for name in files)
     return counts
