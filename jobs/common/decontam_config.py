@@ -9,6 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def _check_minhash(num_perm: int, ngram: int, threshold: float) -> None:
+    """What every MinHash LSH setting needs, for the benchmark detector and near-duplicates alike."""
+    if num_perm < 1:
+        raise ValueError(f"num_perm={num_perm} must be >= 1")
+    if ngram < 1:
+        raise ValueError(f"ngram={ngram} must be >= 1")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold={threshold} must be between 0 and 1 (exclusive)")
+
+
 @dataclass(frozen=True)
 class NgramConfig:
     """Exact word n-gram overlap (GPT-3 / lm-eval-harness): a pair is contaminated when one of
@@ -46,12 +56,7 @@ class MinHashConfig:
     containment_threshold: float = 0.8  # a candidate also counts when this much of the item is in the text
 
     def __post_init__(self) -> None:
-        if self.num_perm < 1:
-            raise ValueError(f"num_perm={self.num_perm} must be >= 1")
-        if self.ngram < 1:
-            raise ValueError(f"ngram={self.ngram} must be >= 1")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold={self.threshold} must be between 0 and 1 (exclusive)")
+        _check_minhash(self.num_perm, self.ngram, self.threshold)
         if self.fp_weight < 0 or self.fn_weight < 0 or self.fp_weight + self.fn_weight <= 0:
             raise ValueError(f"fp_weight={self.fp_weight} and fn_weight={self.fn_weight} must be >= 0, not both 0")
         if not 0.0 < self.containment_threshold <= 1.0:
@@ -91,12 +96,7 @@ class NearDupConfig:
     max_iterations: int = 50     # label-propagation rounds before giving up (components are small)
 
     def __post_init__(self) -> None:
-        if self.num_perm < 1:
-            raise ValueError(f"num_perm={self.num_perm} must be >= 1")
-        if self.ngram < 1:
-            raise ValueError(f"ngram={self.ngram} must be >= 1")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold={self.threshold} must be between 0 and 1 (exclusive)")
+        _check_minhash(self.num_perm, self.ngram, self.threshold)
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations={self.max_iterations} must be >= 1")
 
