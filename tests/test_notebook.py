@@ -8,6 +8,7 @@ import pytest
 
 from jobs.common.config import load_config
 from jobs.common.pipeline import run_pipeline
+from tests.taxonomies import TWO_DISCIPLINES as TAXONOMY
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -16,16 +17,6 @@ pytest.importorskip("matplotlib")
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "explore.ipynb"
-
-TAXONOMY = """
-fields:
-  - name: Academic-Formal Science
-    sub_fields:
-      - name: Mathematics and logic
-        disciplines:
-          - name: Mathematics
-          - name: Logic
-"""
 
 
 def small_run(tmp_path: Path, url: str) -> list[str]:

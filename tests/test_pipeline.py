@@ -21,21 +21,13 @@ from jobs.common.combinations import count_basic, count_challenging
 from jobs.common.config import load_config
 from jobs.common.pipeline import run_pipeline
 from jobs.common.storage import read_table
+from tests.taxonomies import TWO_DISCIPLINES as TAXONOMY
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SAMPLES = 10
 
-TAXONOMY = """
-fields:
-  - name: Academic-Formal Science
-    sub_fields:
-      - name: Mathematics and logic
-        disciplines:
-          - name: Mathematics
-          - name: Logic
-"""
 NEW_DISCIPLINE = "          - name: Systems science\n"
 
 

@@ -6,16 +6,7 @@ import yaml
 
 from jobs.common.taxonomy import load_taxonomy
 from jobs.taxonomy import main
-
-TAXONOMY = """
-fields:
-  - name: Academic-Formal Science
-    sub_fields:
-      - name: Mathematics and logic
-        disciplines:
-          - name: Mathematics
-          - name: Logic
-"""
+from tests.taxonomies import TWO_DISCIPLINES as TAXONOMY
 
 
 def _nodes(nodes):
