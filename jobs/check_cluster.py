@@ -21,7 +21,7 @@ def _executor_report(_: int) -> str:
     import udfs
 
     found = {}
-    for module in ("pyarrow", "pandas", "openai", "tenacity", "jinja2", "yaml", "datasketch"):
+    for module in ("pyarrow", "pandas", "openai", "tenacity", "jinja2", "jsonschema", "yaml", "datasketch"):
         try:
             found[module] = getattr(importlib.import_module(module), "__version__", "ok")
         except ImportError as exc:

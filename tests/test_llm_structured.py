@@ -9,7 +9,7 @@ import jinja2
 import pytest
 
 from udfs.prompts import Prompt, load_prompt
-from udfs.structured import coerce_to_schema, extract_json, parse_output, validate
+from udfs.structured import check_schema, coerce_to_schema, extract_json, parse_output, validate
 
 TEST_PROMPTS = Path(__file__).parent / "prompts_llm"
 
@@ -72,11 +72,11 @@ def test_parse_output_wraps_jsonl_into_the_single_array_property():
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        pytest.param('{"items": []}', "fewer than minItems 1", id="too-few"),
-        pytest.param('{"items": ["a","b","c","d","e"]}', "more than maxItems 4", id="too-many"),
-        pytest.param('{"items": [1]}', "$.items[0]: expected string", id="wrong-item-type"),
-        pytest.param('{"things": ["a"]}', "missing required property 'items'", id="missing-required"),
-        pytest.param('{"items": ["a"], "extra": 1}', "unexpected property 'extra'", id="additional"),
+        pytest.param('{"items": []}', "$.items: has 0 items, minItems is 1", id="too-few"),
+        pytest.param('{"items": ["a","b","c","d","e"]}', "$.items: has 5 items, maxItems is 4", id="too-many"),
+        pytest.param('{"items": [1]}', "$.items[0]: 1 is not of type 'string'", id="wrong-item-type"),
+        pytest.param('{"things": ["a"]}', "$: 'items' is a required property", id="missing-required"),
+        pytest.param('{"items": ["a"], "extra": 1}', "('extra' was unexpected)", id="additional"),
     ],
 )
 def test_parse_output_rejects_schema_violations(text, fragment):
@@ -103,6 +103,20 @@ def test_parse_output_rejects_schema_violations(text, fragment):
 )
 def test_validate_subset(value, schema, ok):
     assert (validate(value, schema) == []) is ok
+
+
+def test_validation_messages_stay_short_for_the_repair_prompt():
+    (problem,) = validate({"items": ["x" * 5000]}, {"type": "object", "properties": {"items": {"type": "integer"}}})
+    assert problem.startswith("$.items: ") and problem.endswith("is not of type 'integer'")
+    assert len(problem) < 300
+
+
+def test_an_invalid_schema_is_a_one_line_error_naming_the_call_and_the_place():
+    with pytest.raises(ValueError) as err:
+        check_schema({"type": "object", "properties": {"n": {"type": "integr"}}}, "subjects_convert")
+    message = str(err.value)
+    assert "\n" not in message and "'subjects_convert'" in message and "properties/n/type" in message
+    check_schema(ITEMS_SCHEMA, "items")  # a valid one passes
 
 
 def test_coerce_unwraps_single_list_object_for_array_schema():

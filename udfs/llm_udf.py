@@ -32,6 +32,7 @@ from udfs.client import RESULT_FIELDS, CallSpec, LLMClient, LLMRequest
 from udfs.llm_config import LLMConfig, StageLLMConfig
 from udfs.prompts import Prompt, load_prompt
 from udfs.schemas import schema_for
+from udfs.structured import check_schema
 
 log = logging.getLogger("glan.llm")
 
@@ -121,6 +122,8 @@ def llm_udf(
     template = prompt if isinstance(prompt, Prompt) else load_prompt(prompt)
     if schema is _FROM_REGISTRY:
         schema = schema_for(template.name)
+    if schema is not None:
+        check_schema(schema, template.name)  # on the driver: a broken schema fails here, not in every row
     spec = CallSpec(
         prompt=template, stage=stage, schema=schema,
         repair_prompt=load_prompt("repair") if schema is not None else None,

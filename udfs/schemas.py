@@ -2,10 +2,11 @@
 
 The client sends a call's schema as `response_format` in JSON-schema mode, validates every parsed
 output against it, and gives it to the repair call. The test server answers a call listed here with
-a valid instance. Keep to the subset `udfs.structured.validate` understands (type, properties,
-required, additionalProperties, items, minItems/maxItems, enum, const, minLength/maxLength,
-minimum/maximum, anyOf), and give every array `maxItems`: grammar-constrained local models
-(llama.cpp) otherwise may loop on an array until they run out of tokens.
+a valid instance. Validation is jsonschema's (any draft), but keep to the keywords the test
+server's instance generator (`udfs.fake_llm.instance`) draws from: type, properties, required,
+additionalProperties, items, minItems/maxItems, enum, const, minLength/maxLength, minimum/maximum,
+anyOf. Give every array `maxItems`: grammar-constrained local models (llama.cpp) otherwise may loop
+on an array until they run out of tokens.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Structured output: lenient JSON/JSONL extraction and a small JSON-schema validator.
+"""Structured output: lenient JSON/JSONL extraction, and validation against the call's JSON schema.
 
 Both are pure functions that never raise on bad model output: they return an error string instead,
 which becomes the row's error message (and the repair call's `error`).
@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+
+import jsonschema
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
@@ -94,67 +96,45 @@ def coerce_to_schema(value: Any, schema: dict[str, Any] | None) -> Any:
     return value
 
 
-_TYPES = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool)
-    or isinstance(v, float) and v.is_integer(),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-}
+_VALIDATORS: dict[str, jsonschema.protocols.Validator] = {}
+_SIZES = {"minItems": "items", "maxItems": "items", "minLength": "characters", "maxLength": "characters"}
+_MESSAGE_CHARS = 240  # a message goes into the repair prompt: long values in it are cut
 
 
-def validate(value: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
-    """Errors of `value` against the subset of JSON schema listed in udfs/schemas.py; [] if valid.
-    Unknown keywords are ignored, as JSON schema itself does."""
-    errors: list[str] = []
-    if "anyOf" in schema:
-        if all(validate(value, option, path) for option in schema["anyOf"]):
-            errors.append(f"{path}: matches none of anyOf")
-    kind = schema.get("type")
-    if kind is not None:
-        kinds = kind if isinstance(kind, list) else [kind]
-        if not any(_TYPES.get(k, lambda v: True)(value) for k in kinds):
-            return errors + [f"{path}: expected {'/'.join(kinds)}, got {type(value).__name__}"]
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
-    if "const" in schema and value != schema["const"]:
-        errors.append(f"{path}: {value!r} is not {schema['const']!r}")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            errors.append(f"{path}: shorter than {schema['minLength']} characters")
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            errors.append(f"{path}: longer than {schema['maxLength']} characters")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            errors.append(f"{path}: {value} < minimum {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            errors.append(f"{path}: {value} > maximum {schema['maximum']}")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            errors.append(f"{path}: {len(value)} items, fewer than minItems {schema['minItems']}")
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            errors.append(f"{path}: {len(value)} items, more than maxItems {schema['maxItems']}")
-        items = schema.get("items")
-        if isinstance(items, dict):
-            for i, item in enumerate(value):
-                errors += validate(item, items, f"{path}[{i}]")
-    if isinstance(value, dict):
-        props = schema.get("properties") or {}
-        for key in schema.get("required", []):
-            if key not in value:
-                errors.append(f"{path}: missing required property {key!r}")
-        extra = schema.get("additionalProperties", True)
-        for key, item in value.items():
-            if key in props:
-                errors += validate(item, props[key], f"{path}.{key}")
-            elif extra is False:
-                errors.append(f"{path}: unexpected property {key!r}")
-            elif isinstance(extra, dict):
-                errors += validate(item, extra, f"{path}.{key}")
-    return errors
+def _validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """The validator of `schema` (its `$schema` draft, else 2020-12), built once per schema."""
+    text = json.dumps(schema, sort_keys=True)
+    found = _VALIDATORS.get(text)
+    if found is None:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        found = _VALIDATORS[text] = cls(schema)
+    return found
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message, with the limit where it leaves it out ("[...] is too long")."""
+    if error.validator in _SIZES and hasattr(error.instance, "__len__"):
+        text = f"has {len(error.instance)} {_SIZES[error.validator]}, {error.validator} is {error.validator_value}"
+    else:
+        text = error.message
+    if len(text) > _MESSAGE_CHARS:
+        text = f"{text[: _MESSAGE_CHARS // 2]} ... {text[-_MESSAGE_CHARS // 4:]}"
+    return f"{error.json_path}: {text}"
+
+
+def check_schema(schema: dict[str, Any], call: str) -> None:
+    """Raise a one-line ValueError naming the call when `schema` is not a valid JSON schema."""
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top)"
+        raise ValueError(f"the JSON schema of call {call!r} is not valid at {where}: {exc.message}") from None
+
+
+def validate(value: Any, schema: dict[str, Any]) -> list[str]:
+    """Errors of `value` against `schema` (jsonschema), each `<JSON path>: <problem>`; [] if valid."""
+    return [_message(error) for error in _validator(schema).iter_errors(value)]
 
 
 def parse_output(text: str | None, schema: dict[str, Any] | None) -> tuple[Any, str | None]:
