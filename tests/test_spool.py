@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from pyspark.sql import functions as F
 from jobs.common.config import load_config
 from jobs.common.errors import GlanError
 from jobs.common.llmstage import RESULT, _is_failure, run_llm_step
-from jobs.common.spool import _HEARTBEAT, OWNER, Spool, owner_is_dead
+from jobs.common.spool import _HEARTBEAT, OWNER, Spool, owner_is_dead, running_by_stage
 from jobs.common.storage import read_table
 from udfs.llm_udf import llm_udf
 
@@ -127,17 +129,52 @@ def test_spool_files_of_another_shape_are_a_one_line_error(spark, fake_llm, tmp_
     assert fake_llm.count(kind="answer") == 0  # nothing asked while the spool is in doubt
 
 
-def test_a_live_runs_spool_is_left_to_it(spark, fake_llm, tmp_path):
+def test_a_live_run_of_other_disciplines_is_left_to_its_work(spark, fake_llm, tmp_path):
     cfg = make_cfg(tmp_path, fake_llm.url)
     live = Spool(spark, cfg, "test", "t_answers", run_id="live-run")  # this process: alive, heartbeat fresh
+    live.claim(["d1"])
     ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url)
-    files = live.write(questions(spark, 2).withColumn(RESULT, ask("question")))
+    files = live.write(questions(spark, 2).withColumn(RESULT, ask("question")))  # q00 (d0), q01 (d1)
     fake_llm.reset()
-    result = step(questions(spark, 2), cfg)
-    assert result.recovered == 0 and fake_llm.count(kind="answer") == 2  # not taken from a live run
+    d0 = spark.createDataFrame([("d0",)], "discipline_id string")
+    result = step(questions(spark, 2).filter(F.col("discipline_id") == "d0"), cfg, scope=d0)
+    assert result.recovered == 0 and fake_llm.count(kind="answer") == 1  # not taken from a live run
     assert sorted(p.name for p in Path(live.uri).glob("part-*")) == sorted(files)
     live.close()  # its files stay: they are not committed
     assert sorted(p.name for p in Path(live.uri).glob("part-*")) == sorted(files)
+
+
+def test_a_second_run_of_the_same_disciplines_stops_before_asking(spark, fake_llm, tmp_path):
+    cfg = make_cfg(tmp_path, fake_llm.url)
+    live = Spool(spark, cfg, "test", "t_answers", run_id="live-run")
+    live.claim(["d0", "d1"])
+    d1 = spark.createDataFrame([("d1",)], "discipline_id string")
+    with pytest.raises(GlanError) as err:
+        step(questions(spark, 4), cfg, scope=d1)
+    message = str(err.value)
+    assert "\n" not in message and "already running on 1 (d1)" in message and "live-run" in message
+    assert fake_llm.count(kind="answer") == 0
+    assert [p.name for p in Path(live.base).iterdir()] == ["live-run"]  # the refused run left nothing
+    with pytest.raises(GlanError, match=r"already running on 2 \(d0, d1\)"):
+        step(questions(spark, 4), cfg)  # no --disciplines: all of them
+    assert running_by_stage(cfg) == {"test": [f"{socket.gethostname()}:{os.getpid()}"]}  # `glan status`
+    live.close()
+    assert running_by_stage(cfg) == {}
+    assert step(questions(spark, 4), cfg, scope=d1).rows_written == 4  # once it has ended
+    assert fake_llm.count(kind="answer") == 4
+
+
+def test_of_two_runs_that_claim_at_once_the_later_one_stops(spark, fake_llm, tmp_path):
+    cfg = make_cfg(tmp_path, fake_llm.url)
+    first = Spool(spark, cfg, "test", "t_answers", run_id="first-run")
+    first.owner["started"] -= 60  # it began first, but its folder appears only now:
+    later = Spool(spark, cfg, "test", "t_answers", run_id="later-run")
+    later.claim(["d0"])  # nobody else yet
+    first.claim(["d0"])  # sees the later run's folder and goes on
+    with pytest.raises(GlanError, match="first-run"):
+        later.claim(["d0"])  # the later run's check, once the first run's folder is there
+    assert not Path(later.uri).exists()
+    first.close()
 
 
 def test_a_run_of_one_slice_commits_only_its_disciplines_and_leaves_the_rest(spark, fake_llm, tmp_path):
@@ -165,9 +202,6 @@ def test_a_run_of_one_slice_commits_only_its_disciplines_and_leaves_the_rest(spa
 
 
 def test_owner_liveness():
-    import os
-    import socket
-
     now = time.time()
     here = {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": now}
     assert not owner_is_dead(here, 900, now)

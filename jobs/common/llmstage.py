@@ -147,47 +147,47 @@ def run_llm_step(
         if new_failures:
             _record_failed_usage(failed, stage, key, stage_llm, cfg)
 
-    for orphan in spool.orphans():
-        if not orphan.files:  # it died before any task finished
-            spool.keep_only(orphan, None)
-            continue
-        # A run that is gone paid for these calls and did not commit them: commit the rows of this
-        # run's disciplines that are still to do (asked with the prompt as it is now), take them
-        # off the work, and leave the rows of other disciplines for the runs of those.
-        spooled = spool.read(orphan.files, spooled_schema, key, _is_failure(F.col(RESULT)), folder=orphan.uri)
-        if scope is not None:
-            ids = [row[0] for row in scope.select("discipline_id").distinct().collect()]
-            in_scope = F.col("discipline_id").isin(ids)
-            mine, others = spooled.filter(in_scope), spooled.filter(~in_scope)
-        else:
-            mine, others = spooled, None
-        still_todo = mine.join(todo.select(key).distinct(), key, "left_semi")
-        current = F.col(RESULT)["prompt_version"] == load_prompt(prompt).version
-        usable = still_todo.filter(current)
-        keys = [row[0] for row in usable.select(key).collect()]
-        if keys:
-            commit(usable)
-        # Rows answered with another version of the prompt are asked again; what they cost stays on record.
-        outdated = still_todo.filter(~current).withColumn(RESULT, F.col(RESULT).withField(
-            "error_class", F.lit("outdated_prompt")))
-        if outdated.limit(1).count():
-            _record_failed_usage(outdated, stage, key, stage_llm, cfg)
-        spool.keep_only(orphan, others)
-        result.recovered += len(keys)
-        log.warning("%s: committed %d LLM results that an interrupted run had paid for (%s)",
-                    stage, len(keys), orphan.uri)
-        if keys:
-            done = spark.createDataFrame([(k,) for k in keys], T.StructType([todo.schema[key]]))
-            todo = todo.join(F.broadcast(done), key, "left_anti")
-
-    rows = todo.count()
-    result.rows_in = rows + result.recovered
-    if rows == 0:
-        result.seconds = time.monotonic() - started
-        return result
+    ids = None if scope is None else [row[0] for row in scope.select("discipline_id").distinct().collect()]
+    spool.claim(ids)  # a live run of this step on any of these disciplines stops this one here
     try:
-        _run_chunks(todo, rows, spool, commit, spooled_schema, prompt=prompt, stage=stage, stage_llm=stage_llm,
-                    inputs=inputs, key=key, cfg=cfg, schema=schema, seed=seed, sort_within=sort_within, result=result)
+        for orphan in spool.orphans():
+            if not orphan.files:  # it died before any task finished
+                spool.keep_only(orphan, None)
+                continue
+            # A run that is gone paid for these calls and did not commit them: commit the rows of this
+            # run's disciplines that are still to do (asked with the prompt as it is now), take them
+            # off the work, and leave the rows of other disciplines for the runs of those.
+            spooled = spool.read(orphan.files, spooled_schema, key, _is_failure(F.col(RESULT)), folder=orphan.uri)
+            if ids is not None:
+                in_scope = F.col("discipline_id").isin(ids)
+                mine, others = spooled.filter(in_scope), spooled.filter(~in_scope)
+            else:
+                mine, others = spooled, None
+            still_todo = mine.join(todo.select(key).distinct(), key, "left_semi")
+            current = F.col(RESULT)["prompt_version"] == load_prompt(prompt).version
+            usable = still_todo.filter(current)
+            keys = [row[0] for row in usable.select(key).collect()]
+            if keys:
+                commit(usable)
+            # Rows answered with another version of the prompt are asked again; what they cost stays on record.
+            outdated = still_todo.filter(~current).withColumn(RESULT, F.col(RESULT).withField(
+                "error_class", F.lit("outdated_prompt")))
+            if outdated.limit(1).count():
+                _record_failed_usage(outdated, stage, key, stage_llm, cfg)
+            spool.keep_only(orphan, others)
+            result.recovered += len(keys)
+            log.warning("%s: committed %d LLM results that an interrupted run had paid for (%s)",
+                        stage, len(keys), orphan.uri)
+            if keys:
+                done = spark.createDataFrame([(k,) for k in keys], T.StructType([todo.schema[key]]))
+                todo = todo.join(F.broadcast(done), key, "left_anti")
+
+        rows = todo.count()
+        result.rows_in = rows + result.recovered
+        if rows:
+            _run_chunks(todo, rows, spool, commit, spooled_schema, prompt=prompt, stage=stage, stage_llm=stage_llm,
+                        inputs=inputs, key=key, cfg=cfg, schema=schema, seed=seed, sort_within=sort_within,
+                        result=result)
     finally:
         spool.close()
     result.seconds = time.monotonic() - started

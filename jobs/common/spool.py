@@ -14,7 +14,9 @@ The driver then commits the chunk from those files and deletes them. So:
 Every run has its own folder with an `_owner.json` (host, pid, heartbeat every 30 s), so runs of
 other discipline slices can work on the same run root at once: a run takes over only folders whose
 owner is dead (same host and the process is gone, or no heartbeat for
-`pipeline.spool_stale_after_s`), and only the rows of its own disciplines.
+`pipeline.spool_stale_after_s`), and only the rows of its own disciplines. The owner file also
+names the run's disciplines: a run of a step stops with a one-line error, before asking anything,
+when a live run of that step has claimed any of the same disciplines first.
 
 A file appears under its final name only when complete (written under a `_`-prefixed name and
 renamed on local disks; object stores publish an object only when its upload is closed).
@@ -29,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -107,13 +109,13 @@ class _Heartbeat:
     """One daemon thread per driver that rewrites the owner file of every open spool folder."""
 
     def __init__(self) -> None:
-        self.folders: dict[str, tuple[pafs.FileSystem, str]] = {}
+        self.folders: dict[str, tuple[pafs.FileSystem, str, dict]] = {}
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
-    def add(self, uri: str, fs: pafs.FileSystem, root: str) -> None:
+    def add(self, uri: str, fs: pafs.FileSystem, root: str, owner: dict) -> None:
         with self.lock:
-            self.folders[uri] = (fs, root)
+            self.folders[uri] = (fs, root, owner)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="glan-spool-heartbeat", daemon=True)
                 self.thread.start()
@@ -127,9 +129,9 @@ class _Heartbeat:
             time.sleep(HEARTBEAT_S)
             with self.lock:
                 folders = list(self.folders.values())
-            for fs, root in folders:
+            for fs, root, owner in folders:
                 try:
-                    _write_owner(fs, root)
+                    _write_owner(fs, root, owner)
                 except OSError as exc:  # storage hiccup: the next beat tries again
                     log.debug("spool heartbeat for %s failed: %s", root, exc)
 
@@ -137,10 +139,18 @@ class _Heartbeat:
 _HEARTBEAT = _Heartbeat()
 
 
-def _write_owner(fs: pafs.FileSystem, root: str) -> None:
-    owner = {"run_id": RUN_ID, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+def _write_owner(fs: pafs.FileSystem, root: str, owner: dict) -> None:
+    """The owner file: who writes the folder (run id, host, pid), since when, for which disciplines
+    (None: all), and the time of this heartbeat."""
     with fs.open_output_stream(f"{root}/{OWNER}") as sink:
-        sink.write(json.dumps(owner).encode())
+        sink.write(json.dumps({**owner, "heartbeat": time.time()}).encode())
+
+
+def _read_owner(fs: pafs.FileSystem, root: str) -> dict | None:
+    try:
+        return json.loads(fs.open_input_stream(f"{root}/{OWNER}").read())
+    except (OSError, ValueError):  # none, or cut off mid-write: the writer died
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -162,6 +172,17 @@ def owner_is_dead(owner: dict | None, stale_after_s: float, now: float | None = 
     if now - float(owner.get("heartbeat", 0)) > stale_after_s:
         return True
     return owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1)))
+
+
+def _shared(mine: list[str] | None, theirs: list[str] | None) -> str:
+    """The disciplines two runs have in common, in words ('' when none); None stands for all."""
+    if mine is None and theirs is None:
+        return "all"
+    common = set(theirs) if mine is None else set(mine) if theirs is None else set(mine) & set(theirs)
+    if not common:
+        return ""
+    names = sorted(common)
+    return f"{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
 @dataclass
@@ -188,13 +209,42 @@ class Spool:
         self.fs, self.root = _filesystem(self.uri)
         self._base_root = _filesystem(self.base)[1]
         self._open = False
+        self.stage = stage
+        self.owner = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                      "started": time.time(), "disciplines": None}
 
     def _ensure_open(self) -> None:
         if not self._open:
             self.fs.create_dir(self.root, recursive=True)
-            _write_owner(self.fs, self.root)
-            _HEARTBEAT.add(self.uri, self.fs, self.root)
+            _write_owner(self.fs, self.root, self.owner)
+            _HEARTBEAT.add(self.uri, self.fs, self.root, self.owner)
             self._open = True
+
+    def claim(self, disciplines: Sequence[str] | None) -> None:
+        """Take this step for `disciplines` (None: all of them) before anything is asked.
+
+        Two runs of one step on the same disciplines would pay twice for every call, so when a live
+        run of this step works on any of them and claimed first, this run stops here with a
+        one-line error. Each of two runs that claim at once sees the other's folder: the later
+        one stops. Runs on other disciplines go on side by side."""
+        self.owner["disciplines"] = sorted(disciplines) if disciplines is not None else None
+        self._ensure_open()
+        mine = (self.owner["started"], self.run_id)
+        for run_id, root, names in self._folders():
+            owner = _read_owner(self.fs, root) if OWNER in names else None
+            if run_id == self.run_id or owner_is_dead(owner, self.stale_after_s):
+                continue
+            shared = _shared(self.owner["disciplines"], owner.get("disciplines"))
+            if not shared or (float(owner.get("started", 0)), run_id) > mine:
+                continue
+            self.close()
+            age = time.time() - float(owner.get("heartbeat", 0))
+            raise GlanError(
+                f"stage {self.stage!r} is already running on {shared} of this run's disciplines under "
+                f"{self.base}: run {run_id} (host {owner.get('host')}, pid {owner.get('pid')}, heartbeat "
+                f"{age:.0f} s ago); wait for it to end or stop it, since both would pay for the same calls "
+                f"(a run whose host is lost counts as gone after pipeline.spool_stale_after_s="
+                f"{self.stale_after_s:g} s without a heartbeat; runs on other --disciplines may go on at once)")
 
     def write(self, called: DataFrame) -> list[str]:
         """Run the job that computes `called` (the LLM calls) and spool its rows; the file names."""
@@ -237,23 +287,23 @@ class Spool:
             self.fs.delete_dir(self.root)
         self._open = False
 
+    def _folders(self) -> Iterator[tuple[str, str, list[str]]]:
+        """(run id, folder, file names) of every run's folder of this step."""
+        for run_id in _list(self.fs, self._base_root, pafs.FileType.Directory):
+            root = f"{self._base_root}/{run_id}"
+            yield run_id, root, _list(self.fs, root)
+
     def orphans(self) -> list[Orphan]:
         """Folders of this step left by runs that are gone. Live runs' folders are left alone."""
         found = []
-        for run_id in _list(self.fs, self._base_root, pafs.FileType.Directory):
-            uri, root = f"{self.base}/{run_id}", f"{self._base_root}/{run_id}"
-            names = _list(self.fs, root)
+        for run_id, root, names in self._folders():
+            uri = f"{self.base}/{run_id}"
             files, partial = _split(names)
             if run_id == self.run_id:  # an earlier step of this process that stopped on an error
                 if files or partial:
                     found.append(Orphan(uri, files, partial))
                 continue
-            owner = None
-            if OWNER in names:
-                try:
-                    owner = json.loads(self.fs.open_input_stream(f"{root}/{OWNER}").read())
-                except (OSError, ValueError):
-                    owner = None  # cut off mid-write: the writer died
+            owner = _read_owner(self.fs, root) if OWNER in names else None
             if not owner_is_dead(owner, self.stale_after_s):
                 log.warning("spool %s belongs to a run still alive (host %s, pid %s); leaving it to that run",
                             uri, owner.get("host"), owner.get("pid"))
@@ -282,6 +332,23 @@ class Spool:
                 fs.delete_dir(root)
             except FileNotFoundError:
                 pass
+
+
+def running_by_stage(cfg: GlanConfig) -> dict[str, list[str]]:
+    """The live runs working on each stage now, as `host:pid`."""
+    fs, root = _filesystem(cfg.table_uri(SPOOL_DIR))
+    stale_after_s = float(cfg.pipeline.spool_stale_after_s)
+    running: dict[str, list[str]] = {}
+    for step in _list(fs, root, pafs.FileType.Directory):
+        for run_id in _list(fs, f"{root}/{step}", pafs.FileType.Directory):
+            owner = _read_owner(fs, f"{root}/{step}/{run_id}")
+            if owner_is_dead(owner, stale_after_s):
+                continue
+            runs = running.setdefault(step.split(".", 1)[0], [])
+            where = f"{owner.get('host')}:{owner.get('pid')}"
+            if where not in runs:  # one run, two steps of a stage (e.g. syllabus and its extraction)
+                runs.append(where)
+    return running
 
 
 def spooled_by_stage(cfg: GlanConfig) -> dict[str, int]:

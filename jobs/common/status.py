@@ -1,7 +1,8 @@
 """`glan status`: for each stage, rows done, rows to do, failures, tokens and cost so far.
 
 `spooled` counts calls an interrupted run paid for but did not commit: the next run commits them
-without asking again (they are still counted in `to_do`)."""
+without asking again (they are still counted in `to_do`). `running` names the live runs (host:pid)
+working on a stage right now."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def stage_status(spark, cfg: GlanConfig) -> list[dict]:
     """Rows done and to do per stage, over the disciplines this config selects."""
     from jobs.common.costs import load_prices, priced, usage_by_stage
     from jobs.common.llmstage import selected_disciplines, stable_id
-    from jobs.common.spool import spooled_by_stage
+    from jobs.common.spool import running_by_stage, spooled_by_stage
     from jobs.common.storage import get_storage
     from jobs.subjects import list_requests
 
@@ -56,7 +57,7 @@ def stage_status(spark, cfg: GlanConfig) -> list[dict]:
     if storage.exists("failures"):
         failures = {r["stage"]: r["n"] for r in storage.read("failures").groupBy("stage")
                     .agg(F.count("*").alias("n")).collect()}
-    spooled = spooled_by_stage(cfg)
+    spooled, running = spooled_by_stage(cfg), running_by_stage(cfg)
     prices, _ = load_prices()
     usage = priced(usage_by_stage(spark, cfg), prices)
     rows = []
@@ -66,7 +67,7 @@ def stage_status(spark, cfg: GlanConfig) -> list[dict]:
         cost = sum(u["usd"] or 0.0 for u in mine_usage)
         llm = stage in LLM_TABLES
         rows.append({"stage": stage, "done": done, "to_do": todo, "failures": failures.get(stage, 0),
-                     "spooled": spooled.get(stage, 0) if llm else "",
+                     "spooled": spooled.get(stage, 0) if llm else "", "running": " ".join(running.get(stage, [])),
                      "tokens": tokens if llm else "", "usd": round(cost, 4) if llm else ""})
     return rows
 
@@ -79,6 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     rows = stage_status(_spark_for(cfg, "glan-status"), cfg)
-    columns = ["stage", "done", "to_do", "spooled", "failures", "tokens", "usd"]
+    columns = ["stage", "done", "to_do", "spooled", "failures", "tokens", "usd", "running"]
     print_rows(columns, [[r[c] for c in columns] for r in rows], args.format)
     return 0
