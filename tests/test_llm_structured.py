@@ -101,7 +101,7 @@ def test_parse_output_rejects_schema_violations(text, fragment):
         ([1, "x"], {"type": "array", "items": {"type": "integer"}}, False),
     ],
 )
-def test_validate_subset(value, schema, ok):
+def test_validate_keywords(value, schema, ok):
     assert (validate(value, schema) == []) is ok
 
 
