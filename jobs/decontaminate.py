@@ -23,13 +23,16 @@ import dataclasses
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -39,6 +42,7 @@ from jobs.common import textsim
 from jobs.common.benchmarks import benchmark_rows, load_registry
 from jobs.common.decontam_config import DecontamConfig, MinHashConfig, NearDupConfig, NgramConfig
 from jobs.common.errors import InputError
+from jobs.common.spark import arrow_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +74,36 @@ _SIMILARITY = T.StructType([
 # Benchmark items
 
 
-def build_benchmark_items(spark: SparkSession, cfg: DecontamConfig) -> DataFrame:
-    """`benchmark_items` (benchmark, split, item_id, text) of the registry's benchmarks (all, or
-    `cfg.benchmarks`), read from `cfg.benchmarks_dir`."""
+def _benchmark_table(spark: SparkSession, cfg: DecontamConfig) -> pa.Table:
+    """The rows of `benchmark_items`, read on the driver from `cfg.benchmarks_dir`."""
     rows = []
     for spec in load_registry(cfg.registry, cfg.benchmarks):
         rows.extend(benchmark_rows(spec, cfg.benchmarks_dir, spark))
-    frame = pd.DataFrame(rows, columns=[f.name for f in BENCHMARK_ITEMS_SCHEMA.fields])
-    return spark.createDataFrame(frame, BENCHMARK_ITEMS_SCHEMA)
+    columns = list(zip(*rows)) if rows else [[] for _ in BENCHMARK_ITEMS_SCHEMA.fields]
+    return pa.table([pa.array(column, pa.string()) for column in columns],
+                    names=[f.name for f in BENCHMARK_ITEMS_SCHEMA.fields])
+
+
+def build_benchmark_items(spark: SparkSession, cfg: DecontamConfig) -> DataFrame:
+    """`benchmark_items` (benchmark, split, item_id, text) of the registry's benchmarks (all, or
+    `cfg.benchmarks`), read from `cfg.benchmarks_dir`, as a DataFrame of local data (tests, bench:
+    Spark carries the rows inside its tasks; the jobs use `staged_benchmark_items`)."""
+    return spark.createDataFrame(_benchmark_table(spark, cfg).to_pandas(), BENCHMARK_ITEMS_SCHEMA)
+
+
+@contextmanager
+def staged_benchmark_items(spark: SparkSession, cfg: DecontamConfig, scratch: str) -> Iterator[DataFrame]:
+    """`benchmark_items` read by Spark from a Parquet file the driver writes under `scratch` (a
+    folder the executors can read), removed on exit. Handing Spark the rows themselves would ship
+    them inside its tasks: 26 MB for the default benchmarks, and a warning on every run."""
+    fs, root = arrow_filesystem(scratch)
+    name = f"benchmark_items-{uuid.uuid4().hex[:12]}.parquet"
+    fs.create_dir(root, recursive=True)
+    pq.write_table(_benchmark_table(spark, cfg), f"{root}/{name}", filesystem=fs, compression="zstd")
+    try:
+        yield spark.read.schema(BENCHMARK_ITEMS_SCHEMA).parquet(f"{scratch.rstrip('/')}/{name}")
+    finally:
+        fs.delete_file(f"{root}/{name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,14 +527,14 @@ def run(args: argparse.Namespace, cfg=None) -> str:
     if id_col is None:
         id_col = "_row_id"  # identical rows share an id, and a verdict
         data = data.withColumn(id_col, F.xxhash64(F.to_json(F.struct(*data.columns))).cast("string"))
-    items = build_benchmark_items(spark, dc)
-    instructions, contamination, report = decontaminate(data, items, dc, id_col=id_col, text_cols=fields,
-                                                        near_dup=args.near_dup)
-    if args.id_field is None:
-        instructions = instructions.drop(id_col)
     out = args.output.rstrip("/")
-    instructions.write.mode("overwrite").parquet(f"{out}/instructions")
-    contamination.write.mode("overwrite").parquet(f"{out}/contamination")
+    with staged_benchmark_items(spark, dc, f"{out}/_scratch") as items:
+        instructions, contamination, report = decontaminate(data, items, dc, id_col=id_col, text_cols=fields,
+                                                            near_dup=args.near_dup)
+        if args.id_field is None:
+            instructions = instructions.drop(id_col)
+        instructions.write.mode("overwrite").parquet(f"{out}/instructions")
+        contamination.write.mode("overwrite").parquet(f"{out}/contamination")
     num_in = data.count()
     num_out = spark.read.parquet(f"{out}/instructions").count()
     return format_report(report, num_in, num_out)
@@ -520,8 +546,8 @@ def run_glan(spark: SparkSession, pairs: DataFrame, cfg) -> str:
     from jobs.common.storage import overwrite, read_table
 
     dc = cfg.decontam
-    items = build_benchmark_items(spark, dc)
-    overwrite(items, "benchmark_items", cfg)
+    with staged_benchmark_items(spark, dc, cfg.table_uri("_scratch")) as items:
+        overwrite(items, "benchmark_items", cfg)
     items = read_table(spark, "benchmark_items", cfg)
     instructions, contamination, report = decontaminate(pairs, items, dc)
     overwrite(contamination, "contamination", cfg)

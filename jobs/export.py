@@ -40,6 +40,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.common.export_config import ExportConfig
+from jobs.common.spark import arrow_filesystem
 
 log = logging.getLogger("glan.export")
 
@@ -122,21 +123,11 @@ def sha256_hex(data: bytes) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Filesystem (local paths and any URI pyarrow understands: s3://, gs://, abfs://, hdfs://)
-
-
-def _filesystem(uri: str) -> tuple[Any, str]:
-    from pyarrow import fs
-
-    from jobs.common.spark import is_local_path, local_path
-
-    if is_local_path(uri):
-        return fs.LocalFileSystem(), str(local_path(uri))
-    return fs.FileSystem.from_uri(uri)
+# Filesystem (local paths and any URI pyarrow understands: s3://, gs://, abfs://, hdfs://, dbfs:/)
 
 
 def _write_bytes(uri_dir: str, relative: str, data: bytes) -> None:
-    filesystem, root = _filesystem(uri_dir)
+    filesystem, root = arrow_filesystem(uri_dir)
     path = f"{root.rstrip('/')}/{relative}"
     filesystem.create_dir(path.rpartition("/")[0], recursive=True)
     with filesystem.open_output_stream(path) as out:
@@ -146,7 +137,7 @@ def _write_bytes(uri_dir: str, relative: str, data: bytes) -> None:
 def _prepare_output(output: str, overwrite: bool) -> None:
     from pyarrow import fs
 
-    filesystem, root = _filesystem(output)
+    filesystem, root = arrow_filesystem(output)
     root = root.rstrip("/")
     existing = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
     if existing and not overwrite:

@@ -16,7 +16,8 @@ import pytest
 from conftest import REPO, SHARED
 from jobs.common.config import load_config
 from jobs.common.errors import ConfigError, InputError
-from jobs.decontaminate import CONTAMINATION_COLUMNS, build_benchmark_items, decontaminate, detect, run
+from jobs.decontaminate import (CONTAMINATION_COLUMNS, build_benchmark_items, decontaminate, detect, run,
+                                staged_benchmark_items)
 
 sys.path.insert(0, str(REPO / "bench"))
 import decontam as synth  # noqa: E402  (the benchmark's deterministic pair generator)
@@ -191,3 +192,14 @@ def test_standalone_command_writes_clean_data_and_contamination(spark, tmp_path)
     assert len(clean) == 2 and spec_items[0]["text"] not in set(clean["prompt"])
     assert set(found["benchmark"]) == {"gsm8k"} and set(found["field"]) == {"prompt"}
     assert "gsm8k" in report and "removed: 1" in report
+    assert list((tmp_path / "out" / "_scratch").iterdir()) == []  # the staged benchmark file is gone
+
+
+def test_staged_benchmark_items_are_read_from_a_file_not_shipped_in_tasks(spark, tmp_path):
+    cfg = _cfg("decontam.benchmarks=[gsm8k,humaneval]")
+    expected = sorted(tuple(r) for r in build_benchmark_items(spark, cfg).collect())
+    with staged_benchmark_items(spark, cfg, str(tmp_path / "scratch")) as staged:
+        plan = staged._jdf.queryExecution().executedPlan().toString()
+        assert "FileScan parquet" in plan and "LocalTableScan" not in plan and "Scan ExistingRDD" not in plan
+        assert sorted(tuple(r) for r in staged.collect()) == expected
+    assert list((tmp_path / "scratch").iterdir()) == []

@@ -49,6 +49,18 @@ def local_path(uri: str) -> Path:
     return Path(parsed.path if parsed.scheme == "file" else uri).expanduser().resolve()
 
 
+def arrow_filesystem(uri: str):
+    """pyarrow's filesystem and path for a local path or any URI pyarrow understands (s3://, gs://,
+    abfs://, hdfs://); Databricks' `dbfs:/x` is its FUSE mount `/dbfs/x`."""
+    from pyarrow import fs
+
+    if uri.startswith("dbfs:/"):
+        uri = "/dbfs/" + uri[len("dbfs:/"):].lstrip("/")
+    if is_local_path(uri):
+        return fs.LocalFileSystem(), str(local_path(uri))
+    return fs.FileSystem.from_uri(uri)
+
+
 def _scratch_dir(run_root: str | None) -> Path:
     """Where Spark's own files go: under a local run root, else a private temp folder."""
     if run_root and is_local_path(run_root):

@@ -44,6 +44,7 @@ from pyspark.sql.pandas.types import to_arrow_schema
 
 from jobs.common.config import GlanConfig
 from jobs.common.errors import GlanError
+from jobs.common.spark import arrow_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,6 @@ OWNER = "_owner.json"
 HEARTBEAT_S = 30.0
 RUN_ID = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # this driver process
 _FILES = T.StructType([T.StructField("path", T.StringType()), T.StructField("rows", T.LongType())])
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow's filesystem for a spool URI; Databricks' `dbfs:/x` is its FUSE mount `/dbfs/x`."""
-    if uri.startswith("dbfs:/"):
-        uri = "/dbfs/" + uri[len("dbfs:/"):].lstrip("/")
-    return pafs.FileSystem.from_uri(uri)
 
 
 def _list(fs: pafs.FileSystem, root: str, kind: pafs.FileType = pafs.FileType.File) -> list[str]:
@@ -84,7 +78,7 @@ def _writer(uri: str, write_id: str):
 
         ctx = TaskContext.get()
         part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
-        fs, root = _filesystem(uri)
+        fs, root = arrow_filesystem(uri)
         local = isinstance(fs, pafs.LocalFileSystem)
         for index, batch in enumerate(batches):
             if batch.num_rows == 0:
@@ -206,8 +200,8 @@ class Spool:
         self.base = f"{cfg.table_uri(SPOOL_DIR).rstrip('/')}/{stage}.{output}"
         self.run_id = run_id
         self.uri = f"{self.base}/{run_id}"
-        self.fs, self.root = _filesystem(self.uri)
-        self._base_root = _filesystem(self.base)[1]
+        self.fs, self.root = arrow_filesystem(self.uri)
+        self._base_root = arrow_filesystem(self.base)[1]
         self._open = False
         self.stage = stage
         self.owner = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
@@ -259,7 +253,7 @@ class Spool:
         folder = folder or self.uri
         if not names:
             return self.spark.createDataFrame([], schema)
-        fs, root = _filesystem(folder)
+        fs, root = arrow_filesystem(folder)
         found = pq.read_schema(fs.open_input_file(f"{root}/{names[0]}")).names
         if sorted(found) != sorted(schema.fieldNames()):
             raise GlanError(f"spool {folder} holds LLM results with columns {', '.join(found)}, not "
@@ -273,7 +267,7 @@ class Spool:
 
     def remove(self, names: list[str], folder: str | None = None) -> None:
         """Forget files whose rows are committed."""
-        fs, root = _filesystem(folder or self.uri)
+        fs, root = arrow_filesystem(folder or self.uri)
         for name in names:
             try:
                 fs.delete_file(f"{root}/{name}")
@@ -313,13 +307,13 @@ class Spool:
 
     def rows(self, names: list[str], folder: str | None = None) -> int:
         """Rows in the given spool files, read from their footers."""
-        fs, root = _filesystem(folder or self.uri)
+        fs, root = arrow_filesystem(folder or self.uri)
         return sum(_num_rows(fs, f"{root}/{name}") for name in names)
 
     def keep_only(self, orphan: Orphan, frame: DataFrame | None) -> None:
         """Replace an orphan's files by `frame` (rows of other discipline slices, left for their runs);
         drop the folder when nothing is left."""
-        fs, root = _filesystem(orphan.uri)
+        fs, root = arrow_filesystem(orphan.uri)
         table = frame.toArrow() if frame is not None else None  # read before the files it comes from go
         if table is not None and table.num_rows:
             name = f"part-kept-{uuid.uuid4().hex[:12]}.parquet"
@@ -336,7 +330,7 @@ class Spool:
 
 def running_by_stage(cfg: GlanConfig) -> dict[str, list[str]]:
     """The live runs working on each stage now, as `host:pid`."""
-    fs, root = _filesystem(cfg.table_uri(SPOOL_DIR))
+    fs, root = arrow_filesystem(cfg.table_uri(SPOOL_DIR))
     stale_after_s = float(cfg.pipeline.spool_stale_after_s)
     running: dict[str, list[str]] = {}
     for step in _list(fs, root, pafs.FileType.Directory):
@@ -353,7 +347,7 @@ def running_by_stage(cfg: GlanConfig) -> dict[str, list[str]]:
 
 def spooled_by_stage(cfg: GlanConfig) -> dict[str, int]:
     """Rows paid for and spooled but not committed yet, per stage (the next run commits them)."""
-    fs, root = _filesystem(cfg.table_uri(SPOOL_DIR))
+    fs, root = arrow_filesystem(cfg.table_uri(SPOOL_DIR))
     counts: dict[str, int] = {}
     for step in _list(fs, root, pafs.FileType.Directory):
         stage = step.split(".", 1)[0]
