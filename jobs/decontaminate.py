@@ -91,6 +91,13 @@ def build_benchmark_items(spark: SparkSession, cfg: DecontamConfig) -> DataFrame
     return spark.createDataFrame(_benchmark_table(spark, cfg).to_pandas(), BENCHMARK_ITEMS_SCHEMA)
 
 
+def items_digest(items: DataFrame) -> tuple[int, int]:
+    """(rows, sum of row hashes) of a `benchmark_items` frame: equal for the same rows in any order."""
+    row = items.select(F.count(F.lit(1)), F.sum(F.xxhash64(*BENCHMARK_ITEMS_SCHEMA.fieldNames())
+                                                 .cast("decimal(38,0)"))).first()
+    return int(row[0]), int(row[1] or 0)
+
+
 @contextmanager
 def staged_benchmark_items(spark: SparkSession, cfg: DecontamConfig, scratch: str) -> Iterator[DataFrame]:
     """`benchmark_items` read by Spark from a Parquet file the driver writes under `scratch` (a
@@ -540,24 +547,8 @@ def run(args: argparse.Namespace, cfg=None) -> str:
     return format_report(report, num_in, num_out)
 
 
-def run_glan(spark: SparkSession, pairs: DataFrame, cfg) -> str:
-    """The GLAN step: `pairs` has the id column (decontam.id_field), question, answer and more.
-    Writes benchmark_items, contamination and instructions through the storage layer."""
-    from jobs.common.storage import overwrite, read_table
-
-    dc = cfg.decontam
-    with staged_benchmark_items(spark, dc, cfg.table_uri("_scratch")) as items:
-        overwrite(items, "benchmark_items", cfg)
-    items = read_table(spark, "benchmark_items", cfg)
-    instructions, contamination, report = decontaminate(pairs, items, dc)
-    overwrite(contamination, "contamination", cfg)
-    overwrite(instructions, "instructions", cfg)
-    num_in = pairs.count()
-    return format_report(report, num_in, read_table(spark, "instructions", cfg).count())
-
-
 def main(argv: list[str] | None = None) -> None:
-    """`glan decontaminate ...` (standalone). The GLAN run calls `run_glan` with its pairs."""
+    """`glan decontaminate ...` (standalone). The GLAN pipeline's stage is jobs/instructions.py."""
     from jobs.common.jobargs import add_config_args
 
     parser = add_config_args(add_arguments(argparse.ArgumentParser(prog="glan decontaminate")))

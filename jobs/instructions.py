@@ -38,17 +38,15 @@ def glan_pairs(spark: SparkSession, cfg: GlanConfig) -> DataFrame:
 
 
 def _benchmark_items(spark: SparkSession, cfg: GlanConfig) -> DataFrame:
-    """The registry's items, rebuilt only when the set of benchmarks asked for changed."""
-    from jobs.common.benchmarks import load_registry
-    from jobs.decontaminate import build_benchmark_items
+    """The registry's items as the benchmark files hold them now. The files are read every run (a
+    few seconds), and the table is rewritten only when its rows differ: another benchmark set, or
+    files that changed under the same names."""
+    from jobs.decontaminate import items_digest, staged_benchmark_items
 
     storage = get_storage(spark, cfg)
-    wanted = sorted(spec.name for spec in load_registry(cfg.decontam.registry, cfg.decontam.benchmarks))
-    if storage.exists("benchmark_items"):
-        have = sorted(r[0] for r in storage.read("benchmark_items").select("benchmark").distinct().collect())
-        if have == wanted:
-            return storage.read("benchmark_items")
-    storage.overwrite(build_benchmark_items(spark, cfg.decontam), "benchmark_items")
+    with staged_benchmark_items(spark, cfg.decontam, cfg.table_uri("_scratch")) as fresh:
+        if not storage.exists("benchmark_items") or items_digest(storage.read("benchmark_items")) != items_digest(fresh):
+            storage.overwrite(fresh, "benchmark_items")
     return storage.read("benchmark_items")
 
 

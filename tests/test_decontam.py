@@ -203,3 +203,27 @@ def test_staged_benchmark_items_are_read_from_a_file_not_shipped_in_tasks(spark,
         assert "FileScan parquet" in plan and "LocalTableScan" not in plan and "Scan ExistingRDD" not in plan
         assert sorted(tuple(r) for r in staged.collect()) == expected
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_benchmark_items_follow_the_files_and_are_rewritten_only_when_they_change(spark, tmp_path):
+    import gzip
+    import shutil
+
+    from jobs.common.storage import get_storage
+    from jobs.instructions import _benchmark_items
+
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    shutil.copy(SHARED / "benchmarks" / "gsm8k.jsonl.gz", bench / "gsm8k.jsonl.gz")
+    cfg = load_config(sets=[f"run_root={tmp_path / 'run'}", "storage.backend=embedded",
+                            f"decontam.benchmarks_dir={bench}", "decontam.benchmarks=[gsm8k]"])
+    storage = get_storage(spark, cfg)
+    first = _benchmark_items(spark, cfg).count()
+    assert first > 1000 and storage.info("benchmark_items").version == 0
+    _benchmark_items(spark, cfg)
+    assert storage.info("benchmark_items").version == 0  # same files: not rewritten
+    records = gzip.decompress((bench / "gsm8k.jsonl.gz").read_bytes()).splitlines()[:10]
+    (bench / "gsm8k.jsonl.gz").write_bytes(gzip.compress(b"\n".join(records) + b"\n"))
+    assert _benchmark_items(spark, cfg).count() == 10  # same name, new content: rebuilt
+    assert storage.info("benchmark_items").version == 1
+    assert list((tmp_path / "run" / "_scratch").iterdir()) == []
