@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 from jobs.common.config import load_config
 from jobs.common.errors import GlanError
 from jobs.common.llmstage import RESULT, _is_failure, run_llm_step
-from jobs.common.spool import _HEARTBEAT, OWNER, Spool, owner_is_dead, running_by_stage
+from jobs.common.spool import _HEARTBEAT, OWNER, Spool, owner_is_dead, spool_by_stage
 from jobs.common.storage import read_table
 from udfs.llm_udf import llm_udf
 
@@ -75,7 +75,7 @@ def test_a_rerun_commits_what_the_interrupted_run_spooled_and_asks_only_for_the_
     ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url)
     called = todo.filter("question_id < 'q04'").withColumn(RESULT, ask("question"))
     files = spool.write(called)
-    assert spool.rows(files) == 4 and fake_llm.count(kind="answer") == 4
+    assert spool_by_stage(cfg)[0] == {"test": 4} and fake_llm.count(kind="answer") == 4
     spooled = {r["question_id"]: r[RESULT]["text"] for r in spark.read.parquet(*[f"{spool.uri}/{f}" for f in files]).collect()}
     # One row answered with an older prompt (it is asked again) and a file cut off mid-write.
     stale = pq.read_table(f"{spool.uri}/{files[0]}").slice(0, 1).to_pylist()[0]
@@ -157,9 +157,9 @@ def test_a_second_run_of_the_same_disciplines_stops_before_asking(spark, fake_ll
     assert [p.name for p in Path(live.base).iterdir()] == ["live-run"]  # the refused run left nothing
     with pytest.raises(GlanError, match=r"already running on 2 \(d0, d1\)"):
         step(questions(spark, 4), cfg)  # no --disciplines: all of them
-    assert running_by_stage(cfg) == {"test": [f"{socket.gethostname()}:{os.getpid()}"]}  # `glan status`
+    assert spool_by_stage(cfg)[1] == {"test": [f"{socket.gethostname()}:{os.getpid()}"]}  # `glan status`
     live.close()
-    assert running_by_stage(cfg) == {}
+    assert spool_by_stage(cfg)[1] == {}
     assert step(questions(spark, 4), cfg, scope=d1).rows_written == 4  # once it has ended
     assert fake_llm.count(kind="answer") == 4
 

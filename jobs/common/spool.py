@@ -60,6 +60,13 @@ def _list(fs: pafs.FileSystem, root: str, kind: pafs.FileType = pafs.FileType.Fi
     return sorted(info.base_name for info in fs.get_file_info(selector) if info.type == kind)
 
 
+def _run_folders(fs: pafs.FileSystem, step_root: str) -> Iterator[tuple[str, str, list[str]]]:
+    """(run id, folder, file names) of every run's folder of one step."""
+    for run_id in _list(fs, step_root, pafs.FileType.Directory):
+        root = f"{step_root}/{run_id}"
+        yield run_id, root, _list(fs, root)
+
+
 def _split(names: list[str]) -> tuple[list[str], list[str]]:
     """The complete spool files among `names`, and those a task was still writing (`_` names)."""
     parquet = [n for n in names if n.endswith(".parquet")]
@@ -224,8 +231,8 @@ class Spool:
         self.owner["disciplines"] = sorted(disciplines) if disciplines is not None else None
         self._ensure_open()
         mine = (self.owner["started"], self.run_id)
-        for run_id, root, names in self._folders():
-            owner = _read_owner(self.fs, root) if OWNER in names else None
+        for run_id, root, _ in _run_folders(self.fs, self._base_root):
+            owner = _read_owner(self.fs, root)
             if run_id == self.run_id or owner_is_dead(owner, self.stale_after_s):
                 continue
             shared = _shared(self.owner["disciplines"], owner.get("disciplines"))
@@ -281,34 +288,23 @@ class Spool:
             self.fs.delete_dir(self.root)
         self._open = False
 
-    def _folders(self) -> Iterator[tuple[str, str, list[str]]]:
-        """(run id, folder, file names) of every run's folder of this step."""
-        for run_id in _list(self.fs, self._base_root, pafs.FileType.Directory):
-            root = f"{self._base_root}/{run_id}"
-            yield run_id, root, _list(self.fs, root)
-
     def orphans(self) -> list[Orphan]:
         """Folders of this step left by runs that are gone. Live runs' folders are left alone."""
         found = []
-        for run_id, root, names in self._folders():
+        for run_id, root, names in _run_folders(self.fs, self._base_root):
             uri = f"{self.base}/{run_id}"
             files, partial = _split(names)
             if run_id == self.run_id:  # an earlier step of this process that stopped on an error
                 if files or partial:
                     found.append(Orphan(uri, files, partial))
                 continue
-            owner = _read_owner(self.fs, root) if OWNER in names else None
+            owner = _read_owner(self.fs, root)
             if not owner_is_dead(owner, self.stale_after_s):
                 log.warning("spool %s belongs to a run still alive (host %s, pid %s); leaving it to that run",
                             uri, owner.get("host"), owner.get("pid"))
                 continue
             found.append(Orphan(uri, files, partial))
         return found
-
-    def rows(self, names: list[str], folder: str | None = None) -> int:
-        """Rows in the given spool files, read from their footers."""
-        fs, root = arrow_filesystem(folder or self.uri)
-        return sum(_num_rows(fs, f"{root}/{name}") for name in names)
 
     def keep_only(self, orphan: Orphan, frame: DataFrame | None) -> None:
         """Replace an orphan's files by `frame` (rows of other discipline slices, left for their runs);
@@ -328,31 +324,22 @@ class Spool:
                 pass
 
 
-def running_by_stage(cfg: GlanConfig) -> dict[str, list[str]]:
-    """The live runs working on each stage now, as `host:pid`."""
+def spool_by_stage(cfg: GlanConfig) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Per stage: rows paid for and spooled but not committed yet (the next run commits them), and
+    the live runs working on it now, as `host:pid`."""
     fs, root = arrow_filesystem(cfg.table_uri(SPOOL_DIR))
     stale_after_s = float(cfg.pipeline.spool_stale_after_s)
+    spooled: dict[str, int] = {}
     running: dict[str, list[str]] = {}
     for step in _list(fs, root, pafs.FileType.Directory):
-        for run_id in _list(fs, f"{root}/{step}", pafs.FileType.Directory):
-            owner = _read_owner(fs, f"{root}/{step}/{run_id}")
-            if owner_is_dead(owner, stale_after_s):
-                continue
-            runs = running.setdefault(step.split(".", 1)[0], [])
-            where = f"{owner.get('host')}:{owner.get('pid')}"
-            if where not in runs:  # one run, two steps of a stage (e.g. syllabus and its extraction)
-                runs.append(where)
-    return running
-
-
-def spooled_by_stage(cfg: GlanConfig) -> dict[str, int]:
-    """Rows paid for and spooled but not committed yet, per stage (the next run commits them)."""
-    fs, root = arrow_filesystem(cfg.table_uri(SPOOL_DIR))
-    counts: dict[str, int] = {}
-    for step in _list(fs, root, pafs.FileType.Directory):
         stage = step.split(".", 1)[0]
-        for run_id in _list(fs, f"{root}/{step}", pafs.FileType.Directory):
-            folder = f"{root}/{step}/{run_id}"
-            files, _ = _split(_list(fs, folder))
-            counts[stage] = counts.get(stage, 0) + sum(_num_rows(fs, f"{folder}/{name}") for name in files)
-    return counts
+        for _, folder, names in _run_folders(fs, f"{root}/{step}"):
+            files, _ = _split(names)
+            spooled[stage] = spooled.get(stage, 0) + sum(_num_rows(fs, f"{folder}/{name}") for name in files)
+            owner = _read_owner(fs, folder)
+            if not owner_is_dead(owner, stale_after_s):
+                runs = running.setdefault(stage, [])
+                where = f"{owner.get('host')}:{owner.get('pid')}"
+                if where not in runs:  # one run, two steps of a stage (e.g. syllabus and its extraction)
+                    runs.append(where)
+    return spooled, running

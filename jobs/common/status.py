@@ -24,7 +24,7 @@ def stage_status(spark, cfg: GlanConfig) -> list[dict]:
     """Rows done and to do per stage, over the disciplines this config selects."""
     from jobs.common.costs import load_prices, priced, usage_by_stage
     from jobs.common.llmstage import selected_disciplines, stable_id
-    from jobs.common.spool import running_by_stage, spooled_by_stage
+    from jobs.common.spool import spool_by_stage
     from jobs.common.storage import get_storage
     from jobs.subjects import list_requests
 
@@ -57,7 +57,7 @@ def stage_status(spark, cfg: GlanConfig) -> list[dict]:
     if storage.exists("failures"):
         failures = {r["stage"]: r["n"] for r in storage.read("failures").groupBy("stage")
                     .agg(F.count("*").alias("n")).collect()}
-    spooled, running = spooled_by_stage(cfg), running_by_stage(cfg)
+    spooled, running = spool_by_stage(cfg)
     prices, _ = load_prices()
     usage = priced(usage_by_stage(spark, cfg), prices)
     rows = []
