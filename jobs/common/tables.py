@@ -161,7 +161,6 @@ ANSWERS = register(TableSpec(
     description="GLAN step 5: the cheaper model's answer to each question",
 ))
 
-# Tables whose rows each record one LLM call (for `glan cost` and `glan status`), by stage.
 # Failed calls cost money too: each one's usage is kept here, also after a rerun succeeds and the
 # row leaves `failures`, so that `glan cost` and `glan status` count every call that was paid for.
 FAILED_CALLS = register(TableSpec(
@@ -177,6 +176,7 @@ FAILED_CALLS = register(TableSpec(
     description="usage of every LLM call that ended in `failures` (append-only ledger)",
 ))
 
+# Tables whose rows each record one LLM call (for `glan cost` and `glan status`), by stage.
 LLM_TABLES: dict[str, tuple[str, ...]] = {
     "subjects": ("subject_lists", "subject_conversions"),
     "syllabus": ("syllabi", "session_lists"),

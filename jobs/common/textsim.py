@@ -155,27 +155,26 @@ def flatten_words(texts: Iterable[str | None]) -> tuple[np.ndarray, np.ndarray, 
         lengths = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
         flat_words = [w for t in toks for w in t]
         return lengths, word_hashes(flat_words), pa.array(flat_words, pa.large_string())
-    else:
-        is_ascii = pc.fill_null(pc.string_is_ascii(arr), True).to_numpy(zero_copy_only=False)
-        fast = arr if is_ascii.all() else arr.filter(pa.array(is_ascii))
-        lowered = pc.ascii_lower(fast)
-        cleaned = pc.replace_substring_regex(pc.replace_substring_regex(lowered, _ASCII_APOSTROPHES, ""),
-                                             _ASCII_NON_WORD, " ")
-        split = pc.split_pattern(cleaned, " ")
-        flat = pc.list_flatten(split)
-        parent = pc.list_parent_indices(split).to_numpy(zero_copy_only=False)
-        keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
-        flat, parent = flat.filter(pa.array(keep)), parent[keep]
-        rows = np.nonzero(is_ascii)[0]
-        parent = rows[parent]
-        if not is_ascii.all():
-            others = np.nonzero(~is_ascii)[0]
-            toks = [words(arr[int(i)].as_py()) for i in others]
-            flat = pa.concat_arrays([flat, pa.array([w for t in toks for w in t], flat.type)])
-            parent = np.concatenate([parent, np.repeat(others, [len(t) for t in toks])])
-            order = np.argsort(parent, kind="stable")
-            flat, parent = flat.take(pa.array(order)), parent[order]
-        lengths = np.bincount(parent, minlength=len(arr)).astype(np.int64)
+    is_ascii = pc.fill_null(pc.string_is_ascii(arr), True).to_numpy(zero_copy_only=False)
+    fast = arr if is_ascii.all() else arr.filter(pa.array(is_ascii))
+    lowered = pc.ascii_lower(fast)
+    cleaned = pc.replace_substring_regex(pc.replace_substring_regex(lowered, _ASCII_APOSTROPHES, ""),
+                                         _ASCII_NON_WORD, " ")
+    split = pc.split_pattern(cleaned, " ")
+    flat = pc.list_flatten(split)
+    parent = pc.list_parent_indices(split).to_numpy(zero_copy_only=False)
+    keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+    flat, parent = flat.filter(pa.array(keep)), parent[keep]
+    rows = np.nonzero(is_ascii)[0]
+    parent = rows[parent]
+    if not is_ascii.all():
+        others = np.nonzero(~is_ascii)[0]
+        toks = [words(arr[int(i)].as_py()) for i in others]
+        flat = pa.concat_arrays([flat, pa.array([w for t in toks for w in t], flat.type)])
+        parent = np.concatenate([parent, np.repeat(others, [len(t) for t in toks])])
+        order = np.argsort(parent, kind="stable")
+        flat, parent = flat.take(pa.array(order)), parent[order]
+    lengths = np.bincount(parent, minlength=len(arr)).astype(np.int64)
     if len(flat) == 0:
         return lengths, np.zeros(0, dtype=np.uint64), flat
     encoded = pc.dictionary_encode(flat)
