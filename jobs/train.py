@@ -1,12 +1,17 @@
 """Fine-tune a causal LM on a GLAN export with DeepSpeed (the paper's step 7).
 
-Reads `manifest.json` of `glan export`, verifies the shard checksums, tokenises question and answer
-separately and joins them (labels -100 on the prompt: loss on answer tokens only), packs micro-batches
-to a token budget (sequences x longest <= --micro-batch-tokens), accumulates gradients to about
---pairs-per-step pairs per optimizer step, runs a linear warm-up + cosine schedule to a final lr of 0,
-saves DeepSpeed checkpoints for --resume and, at the end, a Hugging Face checkpoint (config,
-safetensors, tokenizer) in OUTPUT/hf that `AutoModelForCausalLM.from_pretrained` reloads.
-Defaults come from the `train:` section of the config (the paper's values); flags override them.
+Reads `manifest.json` of `glan export` (a local folder or any URI pyarrow reads), tokenises question
+and answer separately and joins them (labels -100 on the prompt: loss on answer tokens only). The
+ranks share that work: each tokenises its share of the shards (checksums verified) into flat arrays
+under OUTPUT/tokenized/, and every rank memory-maps all of them, so a node holds one copy of the
+tokens and a resumed run does not tokenise again (jobs/common/tokenized.py). Micro-batches are
+packed to a token budget (sequences x longest <= --micro-batch-tokens); gradients accumulate to
+about --pairs-per-step pairs per optimizer step, and each step's loss is the mean over all of its
+answer tokens (on every rank and micro-batch), not a mean of micro-batch means. A linear warm-up +
+cosine schedule runs to a final lr of 0; DeepSpeed checkpoints are saved for --resume and, at the
+end, a Hugging Face checkpoint (config, safetensors, tokenizer) in OUTPUT/hf that
+`AutoModelForCausalLM.from_pretrained` reloads. Defaults come from the `train:` section of the
+config (the paper's values); flags override them.
 
 Launch (single node, 8 GPUs):
     deepspeed --num_gpus 8 jobs/train.py --export runs/export --model mistralai/Mistral-7B-v0.1 \
@@ -123,45 +128,19 @@ def _walk(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 # Data
 
 
-def load_manifest(export: str) -> tuple[dict[str, Any], Path]:
-    path = Path(export)
-    manifest_path = path if path.name == "manifest.json" else path / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {export}; run `glan export` first")
-    return json.loads(manifest_path.read_text()), manifest_path.parent
+def load_manifest(export: str) -> tuple[dict[str, Any], str]:
+    """The export's manifest and its folder; `export` is a folder or its manifest.json, a local
+    path or any URI pyarrow reads (s3://, gs://, abfs://, hdfs://, dbfs:/)."""
+    from jobs.common.spark import arrow_filesystem
 
-
-def read_pairs(manifest: dict[str, Any], root: Path, split: str, verify: bool = True) -> tuple[list[str], list[str]]:
-    """Questions and answers of one split, in the export's order; checksums checked first."""
-    import hashlib
-
-    import pyarrow.parquet as pq
-
-    shards = {s["path"]: s for s in manifest["shards"]}
-    questions: list[str] = []
-    answers: list[str] = []
-    for relative in manifest["splits"][split]["files"]:
-        data = (root / relative).read_bytes()
-        if verify and hashlib.sha256(data).hexdigest() != shards[relative]["sha256"]:
-            raise ValueError(f"{root / relative}: sha256 does not match manifest.json")
-        table = pq.read_table(root / relative, columns=["question", "answer"])
-        questions += table.column("question").to_pylist()
-        answers += table.column("answer").to_pylist()
-    return questions, answers
-
-
-def tokenize_pairs(tokenizer: Any, questions: list[str], answers: list[str], max_len: int,
-                   system_prompt: str | None = None, chunk: int = 4096) -> list[Any]:
-    from jobs.common.training import join_prompt_answer, prompt_text
-
-    examples = []
-    for start in range(0, len(questions), chunk):
-        qs, ans = questions[start:start + chunk], answers[start:start + chunk]
-        prompts = tokenizer([prompt_text(tokenizer, q, system_prompt) for q in qs],
-                            add_special_tokens=False)["input_ids"]
-        replies = tokenizer(list(ans), add_special_tokens=False)["input_ids"]
-        examples += [join_prompt_answer(p, a, tokenizer.eos_token_id, max_len) for p, a in zip(prompts, replies)]
-    return examples
+    export = export.rstrip("/")
+    root = export[: -len("/manifest.json")] if export.endswith("/manifest.json") else export
+    filesystem, path = arrow_filesystem(f"{root}/manifest.json")
+    try:
+        with filesystem.open_input_stream(path) as source:
+            return json.loads(source.readall()), root
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no manifest.json in {export}; run `glan export` first") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jobs.common import training
+    from jobs.common.tokenized import prepare_split
 
     on_gpu = get_accelerator().device_name() != "cpu"
     if not on_gpu:
@@ -254,30 +234,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoints = output / "checkpoints"
     started = time.monotonic()
 
-    # Phase 1: data and plan (every rank computes the same plan; nothing to communicate).
-    manifest, root = load_manifest(args.export)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or tcfg.model)
-    system_prompt = (manifest.get("config", {}).get("export") or {}).get("system_prompt")
-    questions, answers = read_pairs(manifest, root, "train", verify=not args.no_verify)
-    examples = tokenize_pairs(tokenizer, questions, answers, tcfg.max_seq_len, system_prompt)
-    del questions, answers
-    lengths = [len(e) for e in examples]
+    # Phase 1: data and plan. The ranks tokenise the shards between them into a shared cache;
+    # then every rank computes the same plan from the same lengths, so nothing else is exchanged.
+    try:
+        manifest, root = load_manifest(args.export)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or tcfg.model)
+        system_prompt = (manifest.get("config", {}).get("export") or {}).get("system_prompt")
+        data = prepare_split(manifest, root, "train", tokenizer, max_len=tcfg.max_seq_len,
+                             system_prompt=system_prompt, cache_root=output / "tokenized", rank=rank,
+                             world_size=world_size, barrier=dist.barrier, verify=not args.no_verify)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SystemExit(f"jobs/train.py: {exc}") from None
+    lengths, label_counts = data.lengths, data.label_counts()
     plan_for = partial(training.pack_batches, lengths, tcfg.micro_batch_tokens, seed=tcfg.seed,
                        world_size=world_size)
-    first = training.plan_summary(plan_for(epoch=0), lengths)
+    first_plan = plan_for(epoch=0)
+    first = training.plan_summary(first_plan, lengths)
     accumulation = training.gradient_accumulation_steps(tcfg.pairs_per_step, first["mean_pairs_per_batch"],
                                                         world_size)
-    per_epoch = [first["batches_per_rank"]] + [len(plan_for(epoch=e)[0]) for e in range(1, tcfg.epochs)]
-    total_steps = training.total_optimizer_steps(per_epoch, accumulation)
+    epoch_tokens = [training.batch_label_tokens(first_plan, label_counts)]
+    del first_plan
+    epoch_tokens += [training.batch_label_tokens(plan_for(epoch=e), label_counts) for e in range(1, tcfg.epochs)]
+    total_steps = training.total_optimizer_steps([t.shape[1] for t in epoch_tokens], accumulation)
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     if total_steps < 1:
-        raise SystemExit(f"jobs/train.py: {len(examples)} pairs give no optimizer step with "
+        raise SystemExit(f"jobs/train.py: {len(data)} pairs give no optimizer step with "
                          f"{accumulation} micro-batches per step; lower --pairs-per-step")
+    step_tokens = training.step_label_tokens(epoch_tokens, accumulation, total_steps)
+    del epoch_tokens
     if tcfg.warmup_steps >= total_steps:
         log.warning("warm-up (%d steps) is not shorter than the run (%d steps)", tcfg.warmup_steps, total_steps)
-    log.info("data: %d pairs, %d ranks, %s; %d micro-batches per step, %d optimizer steps",
-             len(examples), world_size, {k: round(v, 3) for k, v in first.items()}, accumulation, total_steps)
+    log.info("data: %d pairs, %d ranks, %s; %d micro-batches per step, %d optimizer steps, %.0f answer tokens "
+             "per step", len(data), world_size, {k: round(v, 3) for k, v in first.items()}, accumulation,
+             total_steps, float(step_tokens.mean()))
 
     # Phase 2: model and engine.
     base = json.loads(resolve_deepspeed_config(tcfg.deepspeed_config).read_text())
@@ -318,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics_path = output / "metrics.jsonl"
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-    micro, window_loss, window_tokens, last_saved = 0, 0.0, 0, -1
+    micro, window_loss, window_tokens, last_saved = 0, None, 0, -1
     step_started = time.monotonic()
     engine.train()
     for epoch in range(tcfg.epochs):
@@ -332,24 +322,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 micro += 1
                 continue
             batch = {key: torch.tensor(value, device=engine.device)
-                     for key, value in training.pad_batch([examples[i] for i in indices], pad_id).items()}
-            loss = engine(**batch).loss
+                     for key, value in training.pad_batch([data.example(i) for i in indices], pad_id).items()}
+            # Summed token loss over a share of the step's answer tokens: the step's gradient is
+            # that of the mean over all of its answer tokens, on every rank and micro-batch.
+            divisor = training.loss_divisor(step_tokens[micro // accumulation], accumulation, world_size)
+            loss = engine(**batch, num_items_in_batch=divisor).loss
             engine.backward(loss)
             lr_used = scheduler.get_last_lr()[0]  # the lr of the update engine.step() may apply now
             engine.step()
             micro += 1
-            window_loss += float(loss.detach())
-            window_tokens += int(batch["attention_mask"].sum())
+            # Kept on the device until the step ends: no host sync per micro-batch.
+            window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()
+            window_tokens += int(lengths[indices].sum())
             if micro % accumulation:
                 continue
             step = micro // accumulation
-            summary = torch.tensor([window_loss / accumulation, float(window_tokens)], device=engine.device)
+            summary = torch.stack([window_loss.float() / accumulation,
+                                   torch.tensor(float(window_tokens), device=window_loss.device)])
             dist.all_reduce(summary)
-            window_loss, window_tokens = 0.0, 0
+            window_loss, window_tokens = None, 0
             if rank == 0:
                 elapsed = time.monotonic() - step_started
                 record = {"step": step, "epoch": epoch, "loss": summary[0].item() / world_size,
                           "lr": lr_used, "tokens": int(summary[1].item()),
+                          "answer_tokens": int(step_tokens[step - 1]),
                           "tokens_per_s": summary[1].item() / max(elapsed, 1e-9)}
                 with metrics_path.open("a") as out:
                     out.write(json.dumps(record) + "\n")

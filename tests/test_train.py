@@ -18,14 +18,18 @@ from jobs.common.training import (
     PLAIN_PROMPT,
     Example,
     batch_cost,
+    batch_label_tokens,
     encode_pair,
     gradient_accumulation_steps,
     join_prompt_answer,
+    label_tokens,
+    loss_divisor,
     lr_at,
     pack_batches,
     pad_batch,
     plan_summary,
     prompt_text,
+    step_label_tokens,
     total_optimizer_steps,
 )
 
@@ -110,6 +114,58 @@ def test_accumulation_and_total_steps():
     assert gradient_accumulation_steps(512, mean_pairs_per_batch=32, world_size=8) == 2
     assert gradient_accumulation_steps(512, mean_pairs_per_batch=1000, world_size=8) == 1
     assert total_optimizer_steps([10, 11, 9], accumulation=4) == 7
+
+
+def test_step_tokens_sum_every_rank_and_micro_batch_across_epochs():
+    counts = np.array([5, 1, 7, 2, 3, 4])
+    epoch0 = batch_label_tokens([[[0, 1], [2]], [[3], [4, 5]]], counts)  # 2 ranks x 2 micro-batches
+    epoch1 = batch_label_tokens([[[5], [0]], [[1, 2, 3], [4]]], counts)
+    assert epoch0.tolist() == [[6, 7], [2, 7]]
+    # 3 micro-batches a step: step 0 = epoch 0 both + epoch 1 first; step 1 would need a 6th.
+    assert step_label_tokens([epoch0, epoch1], accumulation=3, total_steps=1).tolist() == [6 + 7 + 4 + 2 + 7 + 10]
+    assert step_label_tokens([epoch0, epoch1], accumulation=2, total_steps=2).tolist() == [22, 9 + 13]
+    with pytest.raises(ValueError, match="need 6 micro-batches"):
+        step_label_tokens([epoch0, epoch1], accumulation=3, total_steps=2)
+    assert loss_divisor(40, accumulation=2, world_size=4) == 5.0
+    assert loss_divisor(0, accumulation=1, world_size=1) == 1.0  # never a division by zero
+
+
+def test_label_tokens_skip_the_prompt_and_the_first_position():
+    assert label_tokens(np.array([6, 4, 3]), np.array([3, 0, 3])).tolist() == [3, 3, 0]
+
+
+def test_token_weighted_loss_through_hf_equals_the_mean_over_all_answer_tokens():
+    """The model's own loss with num_items_in_batch=loss_divisor, scaled as DeepSpeed scales it
+    (1/accumulation, mean over ranks), has the gradient of the mean over every answer token."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    examples = [join_prompt_answer([5, 6, 7], [8] * (1 + 20 * (i % 2)), eos_id=3, max_len=64) for i in range(8)]
+    counts = label_tokens(np.array([len(e) for e in examples]), np.array([3] * 8))
+    plan = [[[0, 2], [4]], [[1, 3], [5, 6, 7]]]  # 2 ranks, 2 micro-batches each, uneven answers
+    accumulation, world_size = 2, 2
+    total = int(step_label_tokens([batch_label_tokens(plan, counts)], accumulation, 1)[0])
+    assert total == int(counts.sum())
+
+    def batch(indices):
+        return {k: torch.tensor(v) for k, v in pad_batch([examples[i] for i in indices], 0).items()}
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    divisor = loss_divisor(total, accumulation, world_size)
+    ours = grads(sum(model(**batch(b), num_items_in_batch=divisor).loss for rank in plan for b in rank)
+                 / (accumulation * world_size))
+    everything = pad_batch(examples, 0)
+    expected = grads(model(**{k: torch.tensor(v) for k, v in everything.items()}).loss)  # HF's mean over tokens
+    naive = grads(sum(model(**batch(b)).loss for rank in plan for b in rank) / (accumulation * world_size))
+    assert torch.allclose(ours, expected, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(naive, expected, rtol=1e-2, atol=1e-5)  # a mean of batch means is not
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,14 +277,146 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
+def train_env() -> dict[str, str]:
+    return {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(29500 + os.getpid() % 1000), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def run_train(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(29500 + os.getpid() % 1000), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args], cwd=REPO, env=train_env(),
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenised split
+
+
+def shard_pairs(export: Path) -> tuple[list[str], list[str]]:
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((export / "manifest.json").read_text())
+    tables = [pq.read_table(export / f, columns=["question", "answer"]) for f in manifest["splits"]["train"]["files"]]
+    return ([q for t in tables for q in t.column("question").to_pylist()],
+            [a for t in tables for a in t.column("answer").to_pylist()])
+
+
+def prepare(export: Path | str, cache: Path, tokenizer, **kwargs):
+    from jobs.common.tokenized import prepare_split
+    from jobs.train import load_manifest
+
+    manifest, root = load_manifest(str(export))
+    return prepare_split(manifest, root, "train", tokenizer, max_len=kwargs.pop("max_len", 64), system_prompt=None,
+                         cache_root=cache, **kwargs)
+
+
+def counting_tokenizer(monkeypatch) -> list[int]:
+    """Counts the shards tokenised from now on."""
+    from jobs.common import tokenized
+
+    calls: list[int] = []
+    real = tokenized.tokenize_shard
+    monkeypatch.setattr(tokenized, "tokenize_shard", lambda table, *a, **k: calls.append(table.num_rows) or real(table, *a, **k))
+    return calls
+
+
+def test_tokenised_split_matches_pairwise_encoding_and_is_memory_mapped(tiny_export, tmp_path):
+    tokenizer = make_tokenizer()
+    data = prepare(tiny_export, tmp_path, tokenizer)
+    questions, answers = shard_pairs(tiny_export)
+    assert len(data) == len(questions) > 0
+    for i in (0, 1, len(data) // 2, len(data) - 1):
+        assert data.example(i) == encode_pair(tokenizer, questions[i], answers[i], max_len=64)
+    assert data.lengths.tolist() == [len(encode_pair(tokenizer, q, a, 64)) for q, a in zip(questions, answers)]
+    assert all(isinstance(t, np.memmap) and t.dtype == np.uint16 for t in data.tokens)  # a small vocabulary
+    first = data.example(0)
+    assert data.label_counts()[0] == len(first) - first.labels.count(IGNORE_INDEX)
+    through_uri = prepare(f"file://{tiny_export}", tmp_path / "uri", tokenizer)  # how s3:// etc. are read
+    assert through_uri.lengths.tolist() == data.lengths.tolist()
+
+
+def test_tokenised_split_is_reused_and_keyed_by_what_the_tokens_depend_on(tiny_export, tmp_path, monkeypatch):
+    tokenizer = make_tokenizer()
+    calls = counting_tokenizer(monkeypatch)
+    data = prepare(tiny_export, tmp_path, tokenizer)
+    shards = len(json.loads((tiny_export / "manifest.json").read_text())["splits"]["train"]["files"])
+    assert len(calls) == shards > 1
+    again = prepare(tiny_export, tmp_path, tokenizer)
+    assert len(calls) == shards  # nothing tokenised twice
+    assert again.directory == data.directory and again.lengths.tolist() == data.lengths.tolist()
+    shorter = prepare(tiny_export, tmp_path, tokenizer, max_len=8)
+    assert shorter.directory != data.directory and max(shorter.lengths) == 8
+    other = prepare(tiny_export, tmp_path, make_tokenizer(chat_template=None))
+    assert other.directory not in (data.directory, shorter.directory)
+    assert len(calls) == 3 * shards
+
+
+def test_ranks_tokenise_their_own_shards_and_a_missing_share_is_an_error(tiny_export, tmp_path, monkeypatch):
+    tokenizer = make_tokenizer()
+    calls = counting_tokenizer(monkeypatch)
+    shards = len(json.loads((tiny_export / "manifest.json").read_text())["splits"]["train"]["files"])
+    # Rank 1 of 2 alone (as if rank 0 wrote to another node's disk): its parts, then a clear error.
+    with pytest.raises(RuntimeError, match=r"no tokens for \d+ shard\(s\).*every node sees"):
+        prepare(tiny_export, tmp_path, tokenizer, rank=1, world_size=2)
+    assert len(calls) == shards // 2
+    # Rank 0 then writes the other half; every part is there and nothing was done twice.
+    data = prepare(tiny_export, tmp_path, tokenizer, rank=0, world_size=2)
+    assert len(calls) == shards
+    assert len(data) == len(shard_pairs(tiny_export)[0])
+
+
+def test_a_corrupt_shard_is_named_and_a_half_written_part_is_redone(tiny_export, tmp_path, monkeypatch):
+    import shutil
+
+    tokenizer = make_tokenizer()
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    manifest = json.loads((export / "manifest.json").read_text())
+    victim = export / manifest["splits"]["train"]["files"][1]
+    original = victim.read_bytes()
+    victim.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(ValueError, match=f"{victim.name}: sha256 does not match manifest.json"):
+        prepare(export, tmp_path / "cache", tokenizer)
+    victim.write_bytes(original)
+    data = prepare(export, tmp_path / "cache", tokenizer)
+    # A part without its index (killed mid-write) is tokenised again; complete ones are kept.
+    (data.directory / "part-00001.index.npz").unlink()
+    calls = counting_tokenizer(monkeypatch)
+    assert len(prepare(export, tmp_path / "cache", tokenizer)) == len(data)
+    assert len(calls) == 1
+
+
+def test_a_missing_export_is_one_line(tiny_model, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--export", str(tmp_path / "none"),
+                             "--model", str(tiny_model), "--output", str(tmp_path / "out")],
+                            cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (f"jobs/train.py: no manifest.json in {tmp_path / 'none'}; "
+                                                       "run `glan export` first")
+    assert "Traceback" not in result.stderr
+
+
+def test_deepspeed_step_follows_the_token_mean_on_one_and_two_ranks(tiny_model, tmp_path):
+    """DeepSpeed's own scaling (1/accumulation, mean over ranks, ZeRO-2 reduce-scatter) with our
+    divisor gives the gradient of the mean over every answer token of the step."""
+    script = REPO / "tests" / "ds_gradient_check.py"
+    for world_size, stage in ((1, 0), (2, 2)):
+        out = tmp_path / f"grad-{world_size}-{stage}.json"
+        launcher = ([sys.executable, str(script)] if world_size == 1 else
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                     str(world_size), str(script)])
+        env = {**train_env(), "MASTER_PORT": str(29600 + os.getpid() % 300 + world_size)}
+        if world_size > 1:
+            env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        result = subprocess.run([*launcher, str(tiny_model), str(stage), str(out)], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        figures = json.loads(out.read_text())
+        assert figures["world_size"] == world_size
+        assert figures["token_mean_error"] < 1e-4, figures
+        assert figures["batch_mean_error"] > 1e-2, figures  # the check can tell the two apart
 
 
 def test_cpu_smoke_run_learns_saves_and_resumes(tiny_export, tiny_model, tmp_path):
@@ -239,10 +427,12 @@ def test_cpu_smoke_run_learns_saves_and_resumes(tiny_export, tiny_model, tmp_pat
               "--deepspeed-config", "conf/deepspeed/cpu_fp32.json", "--lr", "3e-3", "--warmup-steps", "2",
               "--micro-batch-tokens", "256", "--max-seq-len", "64", "--pairs-per-step", "16",
               "--save-every-steps", "0", "--log-every-steps", "5"]
-    run_train([*common, "--max-steps", "20"])
+    first_run = run_train([*common, "--max-steps", "20"])
+    assert "tokenised" in first_run.stderr and list((output / "tokenized").iterdir())
 
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 21))
+    assert all(0 < r["answer_tokens"] < r["tokens"] for r in records)
     first, last = np.mean([r["loss"] for r in records[:3]]), np.mean([r["loss"] for r in records[-3:]])
     assert last < 0.7 * first, (first, last)
     assert records[0]["lr"] < records[2]["lr"]  # warming up
@@ -255,7 +445,8 @@ def test_cpu_smoke_run_learns_saves_and_resumes(tiny_export, tiny_model, tmp_pat
     assert (output / "checkpoints" / "latest").read_text().strip() == "step-20"
 
     # Resume from the DeepSpeed checkpoint: steps 21..24 continue the same schedule.
-    run_train([*common, "--max-steps", "24", "--resume"])
+    resumed = run_train([*common, "--max-steps", "24", "--resume"])
+    assert "tokenised" not in resumed.stderr  # the tokens come from the first run's cache
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 25))
     assert (output / "checkpoints" / "latest").read_text().strip() == "step-24"

@@ -43,9 +43,9 @@ def prompt_text(tokenizer: Any, question: str, system_prompt: str | None = None)
     return (tokenizer.bos_token or "") + prefix + PLAIN_PROMPT.format(question=question)
 
 
-def join_prompt_answer(prompt_ids: Sequence[int], answer_ids: Sequence[int], eos_id: int | None,
-                       max_len: int) -> Example:
-    """One sequence `prompt + answer + eos` with labels only on the answer and eos.
+def cut_to_length(prompt_ids: Sequence[int], answer_ids: Sequence[int], eos_id: int | None,
+                  max_len: int) -> tuple[list[int], list[int]]:
+    """Prompt and `answer + eos`, cut so that together they fit `max_len`.
 
     Too long: the answer keeps at least half of `max_len` (or all of itself if shorter), the
     prompt is cut from the left (its end, the question's last words and the assistant header,
@@ -58,7 +58,26 @@ def join_prompt_answer(prompt_ids: Sequence[int], answer_ids: Sequence[int], eos
         answer = answer[:answer_room]
         prompt_room = max_len - len(answer)
         prompt = prompt[len(prompt) - prompt_room:] if prompt_room > 0 else []
+    return prompt, answer
+
+
+def join_prompt_answer(prompt_ids: Sequence[int], answer_ids: Sequence[int], eos_id: int | None,
+                       max_len: int) -> Example:
+    """One sequence `prompt + answer + eos` with labels only on the answer and eos (cut as
+    `cut_to_length` says)."""
+    prompt, answer = cut_to_length(prompt_ids, answer_ids, eos_id, max_len)
     return Example(input_ids=prompt + answer, labels=[IGNORE_INDEX] * len(prompt) + answer)
+
+
+def example_from_tokens(input_ids: list[int], prompt_length: int) -> Example:
+    """The example of a sequence whose first `prompt_length` tokens are the prompt."""
+    return Example(input_ids=input_ids, labels=[IGNORE_INDEX] * prompt_length + input_ids[prompt_length:])
+
+
+def label_tokens(lengths: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
+    """Tokens each example adds to the loss: a causal LM predicts position t from the ones before,
+    so the first position is never a target (HF shifts labels by one)."""
+    return np.maximum(np.asarray(lengths) - np.maximum(np.asarray(prompt_lengths), 1), 0)
 
 
 def encode_pair(tokenizer: Any, question: str, answer: str, max_len: int,
@@ -171,6 +190,43 @@ def total_optimizer_steps(batches_per_epoch: Sequence[int], accumulation: int) -
     """Optimizer steps over all epochs. Micro-batches run back to back across epoch boundaries;
     the last incomplete accumulation is not run (it would never reach an optimizer step)."""
     return sum(batches_per_epoch) // accumulation
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss normalisation
+
+
+def batch_label_tokens(plan: list[list[list[int]]], label_counts: np.ndarray) -> np.ndarray:
+    """`out[rank, k]`: answer tokens the loss sees in that rank's k-th micro-batch of this epoch."""
+    label_counts = np.asarray(label_counts)
+    return np.array([[int(label_counts[batch].sum()) for batch in batches] for batches in plan],
+                    dtype=np.int64).reshape(len(plan), -1)
+
+
+def step_label_tokens(epochs: Sequence[np.ndarray], accumulation: int, total_steps: int) -> np.ndarray:
+    """Answer tokens of each optimizer step, over every rank and micro-batch of the step.
+
+    `epochs` holds `batch_label_tokens` of each epoch in order; micro-batches run back to back
+    across epoch boundaries, so a step may take its micro-batches from two epochs.
+    """
+    per_rank = np.concatenate(list(epochs), axis=1) if len(epochs) else np.zeros((1, 0), np.int64)
+    needed = total_steps * accumulation
+    if per_rank.shape[1] < needed:
+        raise ValueError(f"{total_steps} steps of {accumulation} micro-batches need {needed} micro-batches "
+                         f"per rank; the plan has {per_rank.shape[1]}")
+    return per_rank[:, :needed].sum(axis=0).reshape(total_steps, accumulation).sum(axis=1)
+
+
+def loss_divisor(step_tokens: int, accumulation: int, world_size: int) -> float:
+    """What a micro-batch's summed token loss is divided by, so that one optimizer step's gradient
+    is the gradient of the mean loss over every answer token of the step.
+
+    DeepSpeed scales each micro-batch's loss by 1 / accumulation and averages gradients over the
+    ranks, so dividing the summed loss by step_tokens / (accumulation x world_size) gives
+    sum over the step / step_tokens. A per-micro-batch mean instead would give a short answer's
+    tokens more weight than a long one's, and the weights would change with the packing.
+    """
+    return max(int(step_tokens), 1) / (accumulation * world_size)
 
 
 # ---------------------------------------------------------------------------------------------
