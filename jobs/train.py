@@ -8,10 +8,12 @@ tokens and a resumed run does not tokenise again (jobs/common/tokenized.py). Mic
 packed to a token budget (sequences x longest <= --micro-batch-tokens); gradients accumulate to
 about --pairs-per-step pairs per optimizer step, and each step's loss is the mean over all of its
 answer tokens (on every rank and micro-batch), not a mean of micro-batch means. A linear warm-up +
-cosine schedule runs to a final lr of 0; DeepSpeed checkpoints are saved for --resume and, at the
-end, a Hugging Face checkpoint (config, safetensors, tokenizer) in OUTPUT/hf that
-`AutoModelForCausalLM.from_pretrained` reloads. Defaults come from the `train:` section of the
-config (the paper's values); flags override them.
+cosine schedule runs to a final lr of 0. Every --eval-every-steps and at the end, the same token-mean
+loss is measured on the held-out test split (GLAN-Test) and recorded as `eval_loss` in
+OUTPUT/metrics.jsonl. DeepSpeed checkpoints are saved for --resume and, at the end, a Hugging Face
+checkpoint (config, safetensors, tokenizer) in OUTPUT/hf that `AutoModelForCausalLM.from_pretrained`
+reloads. Defaults come from the `train:` section of the config (the paper's values); flags override
+them.
 
 Launch (single node, 8 GPUs):
     deepspeed --num_gpus 8 jobs/train.py --export runs/export --model mistralai/Mistral-7B-v0.1 \
@@ -171,6 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--save-every-steps", dest="save_every_steps", type=int)
+    parser.add_argument("--eval-every-steps", dest="eval_every_steps", type=int)
     parser.add_argument("--log-every-steps", dest="log_every_steps", type=int)
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
@@ -183,7 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 _TRAIN_FLAGS = ("model", "deepspeed_config", "epochs", "lr", "final_lr", "warmup_steps", "weight_decay",
                 "max_grad_norm", "pairs_per_step", "micro_batch_tokens", "max_seq_len",
-                "gradient_checkpointing", "bf16", "seed", "save_every_steps", "log_every_steps")
+                "gradient_checkpointing", "bf16", "seed", "save_every_steps", "eval_every_steps",
+                "log_every_steps")
 
 
 def train_config(args: argparse.Namespace):
@@ -240,9 +244,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         manifest, root = load_manifest(args.export)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or tcfg.model)
         system_prompt = (manifest.get("config", {}).get("export") or {}).get("system_prompt")
-        data = prepare_split(manifest, root, "train", tokenizer, max_len=tcfg.max_seq_len,
-                             system_prompt=system_prompt, cache_root=output / "tokenized", rank=rank,
-                             world_size=world_size, barrier=dist.barrier, verify=not args.no_verify)
+        prepare = partial(prepare_split, manifest, root, tokenizer=tokenizer, max_len=tcfg.max_seq_len,
+                          system_prompt=system_prompt, cache_root=output / "tokenized", rank=rank,
+                          world_size=world_size, barrier=dist.barrier, verify=not args.no_verify)
+        data, heldout = prepare(split="train"), prepare(split="test")
     except (OSError, ValueError, RuntimeError) as exc:
         raise SystemExit(f"jobs/train.py: {exc}") from None
     lengths, label_counts = data.lengths, data.label_counts()
@@ -268,6 +273,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log.info("data: %d pairs, %d ranks, %s; %d micro-batches per step, %d optimizer steps, %.0f answer tokens "
              "per step", len(data), world_size, {k: round(v, 3) for k, v in first.items()}, accumulation,
              total_steps, float(step_tokens.mean()))
+    # The held-out split (GLAN-Test) in budget-packed batches, the same number on every rank.
+    heldout_batches = (training.pack_batches(heldout.lengths, tcfg.micro_batch_tokens, seed=tcfg.seed, epoch=0,
+                                             world_size=world_size)[rank] if len(heldout) else [])
+    heldout_counts = heldout.label_counts()
 
     # Phase 2: model and engine.
     base = json.loads(resolve_deepspeed_config(tcfg.deepspeed_config).read_text())
@@ -308,7 +317,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics_path = output / "metrics.jsonl"
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-    micro, window_loss, window_tokens, last_saved = 0, None, 0, -1
+    def tensors(examples: Any, indices: list[int]) -> dict[str, Any]:
+        padded = training.pad_batch([examples.example(i) for i in indices], pad_id)
+        return {key: torch.tensor(value, device=engine.device) for key, value in padded.items()}
+
+    def evaluate() -> float | None:
+        """Mean loss over every answer token of the held-out split (all ranks take part)."""
+        if not len(heldout):
+            return None
+        engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        with torch.no_grad():
+            for indices in heldout_batches:
+                summed = engine(**tensors(heldout, indices), num_items_in_batch=1.0).loss  # a sum
+                totals += torch.stack([summed.double(), totals.new_tensor(float(heldout_counts[indices].sum()))])
+        dist.all_reduce(totals)
+        engine.train()
+        return float(totals[0] / totals[1].clamp(min=1.0))
+
+    micro, window_loss, window_tokens, last_saved, eval_loss = 0, None, 0, -1, None
     step_started = time.monotonic()
     engine.train()
     for epoch in range(tcfg.epochs):
@@ -321,8 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if micro < start_micro:
                 micro += 1
                 continue
-            batch = {key: torch.tensor(value, device=engine.device)
-                     for key, value in training.pad_batch([data.example(i) for i in indices], pad_id).items()}
+            batch = tensors(data, indices)
             # Summed token loss over a share of the step's answer tokens: the step's gradient is
             # that of the mean over all of its answer tokens, on every rank and micro-batch.
             divisor = training.loss_divisor(step_tokens[micro // accumulation], accumulation, world_size)
@@ -341,17 +367,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    torch.tensor(float(window_tokens), device=window_loss.device)])
             dist.all_reduce(summary)
             window_loss, window_tokens = None, 0
+            elapsed = time.monotonic() - step_started  # the step's own time, without the evaluation
+            evaluated = step == total_steps or (tcfg.eval_every_steps and step % tcfg.eval_every_steps == 0)
+            if evaluated:
+                eval_loss = evaluate()
             if rank == 0:
-                elapsed = time.monotonic() - step_started
                 record = {"step": step, "epoch": epoch, "loss": summary[0].item() / world_size,
                           "lr": lr_used, "tokens": int(summary[1].item()),
                           "answer_tokens": int(step_tokens[step - 1]),
                           "tokens_per_s": summary[1].item() / max(elapsed, 1e-9)}
+                if evaluated and eval_loss is not None:
+                    record["eval_loss"] = eval_loss
                 with metrics_path.open("a") as out:
                     out.write(json.dumps(record) + "\n")
                 if step % tcfg.log_every_steps == 0 or step == total_steps:
                     log.info("step %d/%d epoch %d loss %.4f lr %.3g tokens/s %.0f", step, total_steps, epoch,
                              record["loss"], record["lr"], record["tokens_per_s"])
+                if "eval_loss" in record:
+                    log.info("step %d: held-out loss %.4f over %d pairs", step, eval_loss, len(heldout))
             step_started = time.monotonic()
             if tcfg.save_every_steps and step % tcfg.save_every_steps == 0:
                 engine.save_checkpoint(str(checkpoints), tag=f"step-{step}", client_state={"micro_step": micro})
@@ -363,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     save_hf_checkpoint(engine, tokenizer, output / "hf", zero3=zero3, rank=rank)
     dist.barrier()
     result = {"steps": final_step, "total_steps": total_steps, "accumulation": accumulation,
-              "world_size": world_size, "seconds": time.monotonic() - started}
+              "world_size": world_size, "eval_loss": eval_loss, "seconds": time.monotonic() - started}
     log.info("done: %s", result)
     return result
 

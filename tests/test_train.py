@@ -420,19 +420,22 @@ def test_deepspeed_step_follows_the_token_mean_on_one_and_two_ranks(tiny_model, 
 
 
 def test_cpu_smoke_run_learns_saves_and_resumes(tiny_export, tiny_model, tmp_path):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     output = tmp_path / "run"
     common = ["--export", str(tiny_export), "--model", str(tiny_model), "--output", str(output),
               "--deepspeed-config", "conf/deepspeed/cpu_fp32.json", "--lr", "3e-3", "--warmup-steps", "2",
               "--micro-batch-tokens", "256", "--max-seq-len", "64", "--pairs-per-step", "16",
-              "--save-every-steps", "0", "--log-every-steps", "5"]
+              "--save-every-steps", "0", "--log-every-steps", "5", "--eval-every-steps", "10"]
     first_run = run_train([*common, "--max-steps", "20"])
     assert "tokenised" in first_run.stderr and list((output / "tokenized").iterdir())
 
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 21))
     assert all(0 < r["answer_tokens"] < r["tokens"] for r in records)
+    assert [r["step"] for r in records if "eval_loss" in r] == [10, 20]
+    assert records[19]["eval_loss"] < records[9]["eval_loss"] < records[0]["loss"]
     first, last = np.mean([r["loss"] for r in records[:3]]), np.mean([r["loss"] for r in records[-3:]])
     assert last < 0.7 * first, (first, last)
     assert records[0]["lr"] < records[2]["lr"]  # warming up
@@ -442,6 +445,17 @@ def test_cpu_smoke_run_learns_saves_and_resumes(tiny_export, tiny_model, tmp_pat
     model = AutoModelForCausalLM.from_pretrained(hf)
     tokenizer = AutoTokenizer.from_pretrained(hf)
     assert model.config.num_hidden_layers == 2 and tokenizer.chat_template == CHAT_TEMPLATE
+    # The recorded held-out loss is the reloaded model's token mean over the whole test split.
+    from jobs.common.tokenized import prepare_split
+    from jobs.train import load_manifest
+
+    manifest, root = load_manifest(str(tiny_export))
+    heldout = prepare_split(manifest, root, "test", tokenizer, max_len=64, system_prompt=None,
+                            cache_root=output / "tokenized")
+    assert len(heldout) == 15  # 5 per discipline
+    batch = pad_batch([heldout.example(i) for i in range(len(heldout))], tokenizer.pad_token_id)
+    expected = model(**{k: torch.tensor(v) for k, v in batch.items()}).loss.item()
+    assert records[19]["eval_loss"] == pytest.approx(expected, rel=1e-4)
     assert (output / "checkpoints" / "latest").read_text().strip() == "step-20"
 
     # Resume from the DeepSpeed checkpoint: steps 21..24 continue the same schedule.

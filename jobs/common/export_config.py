@@ -58,6 +58,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     seed: int = 42
     save_every_steps: int = 500           # DeepSpeed checkpoint for --resume; 0: only at the end
+    eval_every_steps: int = 500           # loss on the held-out test split; 0: only at the end
     log_every_steps: int = 10
     bf16: bool = True                     # ignored on CPU, which trains in fp32
 
@@ -83,5 +84,7 @@ class TrainConfig:
                              f"max_seq_len={self.max_seq_len} so that every sequence fits a batch")
         if self.save_every_steps < 0:
             raise ValueError(f"save_every_steps={self.save_every_steps} must be >= 0")
+        if self.eval_every_steps < 0:
+            raise ValueError(f"eval_every_steps={self.eval_every_steps} must be >= 0")
         if self.log_every_steps < 1:
             raise ValueError(f"log_every_steps={self.log_every_steps} must be >= 1")
