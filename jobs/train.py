@@ -146,6 +146,31 @@ def load_manifest(export: str) -> tuple[dict[str, Any], str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Resuming
+
+PLAN_FILE = "glan_plan.json"  # next to each DeepSpeed checkpoint: what its micro-step counts refer to
+
+
+def check_resumable(resume_dir: Path, plan: dict[str, Any]) -> None:
+    """Stop before the model loads if the checkpoint was trained under another batch plan: its
+    micro-step count would then point at other batches, repeating or skipping examples."""
+    latest = resume_dir / "latest"
+    if not latest.is_file():
+        raise SystemExit(f"jobs/train.py: no DeepSpeed checkpoint to resume from in {resume_dir}")
+    saved_path = resume_dir / latest.read_text().strip() / PLAN_FILE
+    if not saved_path.is_file():
+        log.warning("%s has no %s; cannot check that it was trained with this batch plan", saved_path.parent,
+                    PLAN_FILE)
+        return
+    saved = json.loads(saved_path.read_text())
+    changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in plan.items() if saved.get(key) != value]
+    if changed:
+        raise SystemExit(f"jobs/train.py: cannot resume from {saved_path.parent}: it was trained with "
+                         f"{', '.join(changed)}, so its step count would point at other batches; resume with "
+                         "the same settings or start a new --output")
+
+
+# ---------------------------------------------------------------------------------------------
 # Arguments
 
 
@@ -270,6 +295,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del epoch_tokens
     if tcfg.warmup_steps >= total_steps:
         log.warning("warm-up (%d steps) is not shorter than the run (%d steps)", tcfg.warmup_steps, total_steps)
+    # What the micro-step count of a checkpoint means; a resume must find the same.
+    plan_identity = {"world_size": world_size, "accumulation": accumulation, "seed": tcfg.seed,
+                     "micro_batch_tokens": tcfg.micro_batch_tokens, "data": data.directory.name}
+    resume_dir = None
+    if args.resume:
+        resume_dir = checkpoints if args.resume == "latest" else Path(args.resume)
+        check_resumable(resume_dir, plan_identity)
     log.info("data: %d pairs, %d ranks, %s; %d micro-batches per step, %d optimizer steps, %.0f answer tokens "
              "per step", len(data), world_size, {k: round(v, 3) for k, v in first.items()}, accumulation,
              total_steps, float(step_tokens.mean()))
@@ -304,8 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     start_micro = 0
-    if args.resume:
-        resume_dir = checkpoints if args.resume == "latest" else Path(args.resume)
+    if resume_dir is not None:
         load_path, client_state = engine.load_checkpoint(str(resume_dir))
         if load_path is None:
             raise SystemExit(f"jobs/train.py: no DeepSpeed checkpoint to resume from in {resume_dir}")
@@ -334,6 +365,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dist.all_reduce(totals)
         engine.train()
         return float(totals[0] / totals[1].clamp(min=1.0))
+
+    def save(step: int) -> None:
+        engine.save_checkpoint(str(checkpoints), tag=f"step-{step}", client_state={"micro_step": micro})
+        if rank == 0:
+            (checkpoints / f"step-{step}" / PLAN_FILE).write_text(json.dumps({**plan_identity, "micro_step": micro}))
 
     micro, window_loss, window_tokens, last_saved, eval_loss = 0, None, 0, -1, None
     step_started = time.monotonic()
@@ -387,12 +423,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     log.info("step %d: held-out loss %.4f over %d pairs", step, eval_loss, len(heldout))
             step_started = time.monotonic()
             if tcfg.save_every_steps and step % tcfg.save_every_steps == 0:
-                engine.save_checkpoint(str(checkpoints), tag=f"step-{step}", client_state={"micro_step": micro})
+                save(step)
                 last_saved = step
 
     final_step = micro // accumulation
     if final_step != last_saved and final_step > start_micro // accumulation:
-        engine.save_checkpoint(str(checkpoints), tag=f"step-{final_step}", client_state={"micro_step": micro})
+        save(final_step)
     save_hf_checkpoint(engine, tokenizer, output / "hf", zero3=zero3, rank=rank)
     dist.barrier()
     result = {"steps": final_step, "total_steps": total_steps, "accumulation": accumulation,

@@ -461,8 +461,21 @@ def test_cpu_smoke_run_learns_saves_and_resumes(tiny_export, tiny_model, tmp_pat
     # Resume from the DeepSpeed checkpoint: steps 21..24 continue the same schedule.
     resumed = run_train([*common, "--max-steps", "24", "--resume"])
     assert "tokenised" not in resumed.stderr  # the tokens come from the first run's cache
+    plan = json.loads((output / "checkpoints" / "step-24" / "glan_plan.json").read_text())
+    assert plan["micro_step"] == 24 * plan["accumulation"] and plan["world_size"] == 1
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 25))
+    assert (output / "checkpoints" / "latest").read_text().strip() == "step-24"
+
+    # Another batch plan (here another seed) would make the step count point at other batches.
+    other = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *common, "--max-steps", "28",
+                            "--resume", "--seed", "7"], cwd=REPO, env=train_env(), capture_output=True, text=True,
+                           timeout=240)
+    assert other.returncode == 1
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"jobs/train.py: cannot resume from {output / 'checkpoints' / 'step-24'}: it was trained with seed=42 "
+        "(now 7), so its step count would point at other batches; resume with the same settings or start a "
+        "new --output")
     assert (output / "checkpoints" / "latest").read_text().strip() == "step-24"
 
 
