@@ -335,6 +335,11 @@ def test_tokenised_split_matches_pairwise_encoding_and_is_memory_mapped(tiny_exp
     assert data.label_counts()[0] == len(first) - first.labels.count(IGNORE_INDEX)
     through_uri = prepare(f"file://{tiny_export}", tmp_path / "uri", tokenizer)  # how s3:// etc. are read
     assert through_uri.lengths.tolist() == data.lengths.tolist()
+    from jobs.common.tokenized import prepare_split
+
+    nothing = prepare_split({"shards": [], "splits": {}}, str(tiny_export), "test", tokenizer, max_len=64,
+                            system_prompt=None, cache_root=tmp_path)
+    assert len(nothing) == 0 and nothing.lengths.tolist() == [] and nothing.label_counts().tolist() == []
 
 
 def test_tokenised_split_is_reused_and_keyed_by_what_the_tokens_depend_on(tiny_export, tmp_path, monkeypatch):

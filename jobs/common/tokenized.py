@@ -50,10 +50,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
+def split_files(manifest: dict[str, Any], split: str) -> list[str]:
+    """The split's shards in order; none for a split the export does not have."""
+    return list(manifest["splits"].get(split, {}).get("files", []))
+
+
 def cache_key(manifest: dict[str, Any], split: str, tokenizer: Any, max_len: int,
               system_prompt: str | None) -> str:
     shards = {s["path"]: s["sha256"] for s in manifest["shards"]}
-    files = manifest["splits"][split]["files"]
+    files = split_files(manifest, split)
     inputs = {"format": CACHE_FORMAT, "split": split, "shards": [(f, shards[f]) for f in files],
               "tokenizer": tokenizer_fingerprint(tokenizer), "plain_prompt": PLAIN_PROMPT,
               "system_prompt": system_prompt, "max_len": max_len}
@@ -145,7 +150,7 @@ def prepare_split(manifest: dict[str, Any], root: str, split: str, tokenizer: An
                   barrier: Callable[[], None] = lambda: None, verify: bool = True) -> TokenizedSplit:
     """Tokenise this rank's share of the split's shards into the cache (skipping parts already
     there), wait for the other ranks, and map every part. Every rank must call it."""
-    files = manifest["splits"][split]["files"]
+    files = split_files(manifest, split)
     checksums = {s["path"]: s["sha256"] for s in manifest["shards"]}
     directory = cache_root / f"{split}-{cache_key(manifest, split, tokenizer, max_len, system_prompt)[:16]}"
     directory.mkdir(parents=True, exist_ok=True)
