@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics_path = output / "metrics.jsonl"
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
+
     def tensors(examples: Any, indices: list[int]) -> dict[str, Any]:
         padded = training.pad_batch([examples.example(i) for i in indices], pad_id)
         return {key: torch.tensor(value, device=engine.device) for key, value in padded.items()}

@@ -72,15 +72,12 @@ class TokenizedSplit:
     tokens: Sequence[np.ndarray]   # per part: every sequence's ids back to back
     offsets: Sequence[np.ndarray]  # per part: n + 1 positions into `tokens`
     starts: np.ndarray             # index of each part's first example, then the total
+    lengths: np.ndarray            # per example: tokens in its sequence
     prompt_lengths: np.ndarray     # per example
     directory: Path
 
     def __len__(self) -> int:
         return int(self.starts[-1])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.concatenate([np.diff(o) for o in self.offsets]) if self.offsets else np.zeros(0, np.int64)
 
     def label_counts(self) -> np.ndarray:
         return label_tokens(self.lengths, self.prompt_lengths)
@@ -188,4 +185,5 @@ def load_split(directory: Path, num_parts: int) -> TokenizedSplit:
     starts = np.zeros(num_parts + 1, dtype=np.int64)
     np.cumsum([len(p) for p in prompt_lengths], out=starts[1:])
     return TokenizedSplit(tokens=tokens, offsets=offsets, starts=starts, directory=directory,
+                          lengths=np.concatenate([np.diff(o) for o in offsets]) if offsets else np.zeros(0, np.int64),
                           prompt_lengths=np.concatenate(prompt_lengths) if prompt_lengths else np.zeros(0, np.int32))
