@@ -11,16 +11,19 @@ Run: spark-submit jobs/instructions.py --conf conf/local.yaml
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.common.config import GlanConfig
+from jobs.common.errors import ConflictError
 from jobs.common.storage import get_storage
 from jobs.common.tables import INSTRUCTIONS
 
 USES_LLM = False
+log = logging.getLogger(__name__)
 
 
 def glan_pairs(spark: SparkSession, cfg: GlanConfig) -> DataFrame:
@@ -45,8 +48,11 @@ def _benchmark_items(spark: SparkSession, cfg: GlanConfig) -> DataFrame:
 
     storage = get_storage(spark, cfg)
     with staged_benchmark_items(spark, cfg.decontam, cfg.table_uri("_scratch")) as fresh:
-        if not storage.exists("benchmark_items") or items_digest(storage.read("benchmark_items")) != items_digest(fresh):
-            storage.overwrite(fresh, "benchmark_items")
+        def behind() -> DataFrame | None:
+            same = storage.exists("benchmark_items") and items_digest(storage.read("benchmark_items")) == items_digest(fresh)
+            return None if same else fresh
+
+        storage.rebuild("benchmark_items", behind)
     return storage.read("benchmark_items")
 
 
@@ -54,14 +60,26 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
     from jobs.decontaminate import decontaminate
 
     storage = get_storage(spark, cfg)
-    pairs = glan_pairs(spark, cfg)
-    num_in = pairs.count()
-    if num_in == 0:
-        return {"pairs": 0, "clean": 0}
-    items = _benchmark_items(spark, cfg)
-    instructions, contamination, report = decontaminate(pairs, items, cfg.decontam, id_col="instruction_id")
-    storage.overwrite(contamination, "contamination")
-    storage.overwrite(instructions, "instructions")
+    items = None
+    attempts = cfg.storage.commit_retries + 1
+    for attempt in range(attempts):
+        # Versions first, then the answers: a run that commits these tables in between (another
+        # slice's decontamination) makes ours a conflict, and we derive them again.
+        versions = {name: storage.version(name) for name in ("contamination", "instructions")}
+        pairs = glan_pairs(spark, cfg)
+        num_in = pairs.count()
+        if num_in == 0:
+            return {"pairs": 0, "clean": 0}
+        items = items if items is not None else _benchmark_items(spark, cfg)
+        instructions, contamination, report = decontaminate(pairs, items, cfg.decontam, id_col="instruction_id")
+        try:
+            storage.overwrite(contamination, "contamination", read_version=versions["contamination"])
+            storage.overwrite(instructions, "instructions", read_version=versions["instructions"])
+            break
+        except ConflictError as exc:
+            if attempt + 1 == attempts:
+                raise
+            log.warning("decontaminate: %s; deriving the tables again", exc)
     clean = storage.read("instructions").count()
     removed = {r["benchmark"]: r["num_pairs"] for r in report.collect()}
     return {"pairs": num_in, "clean": clean, **{f"removed_{k}": v for k, v in removed.items()}}

@@ -17,7 +17,7 @@ from pyspark.sql import types as T
 
 from jobs.common.config import GlanConfig
 from jobs.common.llmstage import RESULT, run_llm_step, selected_disciplines, stable_id, usage_columns
-from jobs.common.storage import get_storage
+from jobs.common.storage import differing_values, get_storage
 from udfs.schemas import subjects_schema
 
 USES_LLM = True
@@ -87,11 +87,22 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
         to_output=lambda ok: ok.select("list_id", "discipline_id", "sample_index",
                                        F.col(RESULT)["parsed"].alias("subjects_json"), *usage_columns(sc.convert_llm)),
     )
-    # Derived, no LLM: rebuilt whenever a conversion was added, so num_samples stays exact.
-    if conversions.rows_written or not storage.exists("subjects"):
-        if storage.exists("subject_conversions"):
-            storage.overwrite(build_subjects(storage.read_or_empty("subject_conversions")), "subjects")
-    return {**lists.figures("lists"), **conversions.figures("conversions")}
+    rebuilt = storage.rebuild("subjects", lambda: subjects_behind(storage, chosen), column="discipline_id")
+    return {**lists.figures("lists"), **conversions.figures("conversions"),
+            "subjects_rebuilt": rebuilt.rows_written if rebuilt else 0}
+
+
+def subjects_behind(storage, chosen: DataFrame) -> tuple[DataFrame, list[str]] | None:
+    """Derived, no LLM: the subjects of every chosen discipline whose rows differ from what its
+    conversions give now (a conversion added, or a run killed before it rebuilt them), with those
+    disciplines; None when every one is up to date. Compared, never remembered."""
+    ids = chosen.select("discipline_id")
+    expected = build_subjects(storage.read_or_empty("subject_conversions").join(ids, "discipline_id", "inner"))
+    current = storage.read_or_empty("subjects").join(ids, "discipline_id", "inner")
+    behind = differing_values(expected, current, "discipline_id")
+    if not behind:
+        return None
+    return expected.filter(F.col("discipline_id").isin(behind)), behind
 
 
 def main(argv: list[str] | None = None) -> int:

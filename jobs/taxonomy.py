@@ -52,12 +52,15 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
             taxonomy.select(names)  # unknown names are an error now, before any LLM call
     rows = taxonomy_rows(taxonomy)
     storage = get_storage(spark, cfg)
-    if storage.exists("taxonomy"):
-        current = {tuple(r) for r in storage.read("taxonomy").collect()}
-        if current == set(rows):
-            return {"disciplines": len(rows), "changed": 0}
-    storage.overwrite(spark.createDataFrame(rows, TAXONOMY.schema), "taxonomy")
-    return {"disciplines": len(rows), "changed": 1}
+
+    def behind():
+        if storage.exists("taxonomy") and {tuple(r) for r in storage.read("taxonomy").collect()} == set(rows):
+            return None
+        return spark.createDataFrame(rows, TAXONOMY.schema)
+
+    # Runs started together on a fresh run root both write it; the later one finds it equal.
+    written = storage.rebuild("taxonomy", behind)
+    return {"disciplines": len(rows), "changed": int(written is not None)}
 
 
 def _propose(cfg: GlanConfig, out: Path, field_names: list[str]) -> int:

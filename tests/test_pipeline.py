@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 
 from jobs.common.combinations import count_basic, count_challenging
 from jobs.common.config import load_config
-from jobs.common.pipeline import run_pipeline
+from jobs.common.pipeline import EXIT_FAILED_CALLS, run_pipeline
 from jobs.common.storage import read_table
 from tests.taxonomies import TWO_DISCIPLINES as TAXONOMY
 
@@ -148,7 +148,7 @@ def test_garbage_and_empty_lists_fill_failures_then_a_rerun_retries_only_them(sp
     fake_llm.add_rule(kind="subjects_convert", contains="Logic", empty_lists=True)
     fake_llm.add_rule(kind="repair", text="this is not JSON {{{")
     fake_llm.add_rule(kind="answer", status=401, echo_key="full")  # as OpenAI does with a bad key
-    assert run_pipeline(cfg) == 0  # no crash
+    assert run_pipeline(cfg) == EXIT_FAILED_CALLS  # no crash, and the exit code says calls failed
     failures = table(spark, "failures", cfg)
     by_stage = {r["stage"]: r["n"] for r in failures.groupBy("stage").agg(F.count("*").alias("n")).collect()}
     assert by_stage["subjects"] == 2  # both Logic samples: empty list, then a garbage repair
@@ -196,7 +196,7 @@ def table_exists(spark, cfg, name):
 KILLED_RUN = """
 import sys
 from jobs.common.config import load_config
-from jobs.common.pipeline import run_pipeline
+from jobs.common.pipeline import EXIT_FAILED_CALLS, run_pipeline
 cfg = load_config([], sys.argv[1:])
 run_pipeline(cfg)
 """

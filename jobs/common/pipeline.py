@@ -30,6 +30,9 @@ STAGES: list[tuple[str, str]] = [
     ("decontaminate", "jobs.instructions"),
 ]
 
+# `glan run` finished every stage, but some LLM calls failed after their retries.
+EXIT_FAILED_CALLS = 3
+
 # The table each stage ends with, for the hint printed after a run.
 STAGE_TABLE = {"syllabus": "sessions", "combinations": "concept_combinations", "decontaminate": "instructions"}
 
@@ -54,6 +57,7 @@ def run_pipeline(cfg: GlanConfig, stages: list[str] | None = None, disciplines: 
     spark = get_spark("glan-run", master=cfg.spark.master, shuffle_partitions=cfg.spark.shuffle_partitions,
                       run_root=cfg.run_root, extra_conf=cfg.spark.conf)
     started = time.monotonic()
+    failed: dict[str, int] = {}
     with ExitStack() as stack:
         cfg = _start_endpoint(stack, cfg, chosen)
         for name, module in chosen:
@@ -64,12 +68,21 @@ def run_pipeline(cfg: GlanConfig, stages: list[str] | None = None, disciplines: 
             summary = ", ".join(f"{k}={v}" for k, v in figures.items())
             print(f"[{name}] done in {time.monotonic() - t0:.1f}s{': ' + summary if summary else ''}",
                   file=sys.stderr, flush=True)
+            calls = sum(v for k, v in figures.items() if k.endswith("_failed"))
+            if calls:
+                failed[name] = calls
     print(f"pipeline finished in {time.monotonic() - started:.1f}s; tables under {cfg.table_uri('')}",
           file=sys.stderr)
     last = chosen[-1][0] if chosen else "taxonomy"
     print(f"query them with:  glan sql \"SELECT * FROM {STAGE_TABLE.get(last, last)} LIMIT 5\""
           + "".join(f" --conf {s}" for s in cfg.sources if not s.startswith(("conf/base.yaml", "--set"))),
           file=sys.stderr)
+    if failed:
+        where = ", ".join(f"{stage} {n}" for stage, n in failed.items())
+        print(f"glan: error: {sum(failed.values())} LLM call(s) failed ({where}); they are in the failures "
+              "table (glan sql \"SELECT stage, error_class, count(*) FROM failures GROUP BY 1, 2\") and the "
+              f"next run asks only for them (exit {EXIT_FAILED_CALLS})", file=sys.stderr)
+        return EXIT_FAILED_CALLS
     return 0
 
 

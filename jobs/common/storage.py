@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 
@@ -48,12 +52,21 @@ FILE_META = T.StructType([
     T.StructField("size", T.LongType()),
     T.StructField("num_records", T.LongType()),
     T.StructField("key_hashes", T.BinaryType()),  # int64 xxhash64 of each row's key, in file order
+    T.StructField("split_value", T.StringType()),  # the one value of the split column in the file
 ])
 KEY_HASH = "_glan_key_hash"
 _FILE_META_ARROW = pa.schema([("path", pa.string()), ("size", pa.int64()), ("num_records", pa.int64()),
-                              ("key_hashes", pa.binary())])
+                              ("key_hashes", pa.binary()), ("split_value", pa.string())])
 # Roll over to a new Parquet file once this many uncompressed bytes went into the current one.
 TARGET_FILE_BYTES = 512 * 1024 * 1024
+# Markers of the writes under way in a table folder (embedded backend), for the leftovers cleanup.
+WRITES_DIR = "_glan_writes"
+_CLEANED: set[tuple[str, int]] = set()  # tables this process already cleaned of leftovers
+# Fault injection for the crash tests: SIGKILL this process (its process group when it leads
+# one: the JVM and Python workers too) right after its N-th commit ("N"), or its first commit to
+# a table ("<table>"). Never set in production.
+KILL_AFTER_COMMIT_ENV = "GLAN_FAULT_KILL_AFTER_COMMIT"
+_COMMITS = {"n": 0}
 
 
 @dataclass(frozen=True)
@@ -139,7 +152,43 @@ class Storage(ABC):
     def append_missing(self, df: DataFrame, name: str, key: str | Sequence[str]) -> WriteResult: ...
 
     @abstractmethod
-    def overwrite(self, df: DataFrame, name: str) -> WriteResult: ...
+    def overwrite(self, df: DataFrame, name: str, read_version: int | None = None) -> WriteResult: ...
+
+    @abstractmethod
+    def replace(self, df: DataFrame, name: str, column: str, values: Sequence[str], *,
+                read_version: int | None = None, split: bool = False) -> WriteResult:
+        """Replace the rows whose `column` is in `values` with `df` (whose rows hold only those
+        values), leaving every other row as it is: runs on other values may write at the same time."""
+
+    @abstractmethod
+    def version(self, name: str) -> int:
+        """The table's current version, -1 when it does not exist."""
+
+    def rebuild(self, name: str, build: Callable[[], DataFrame | tuple[DataFrame, Sequence[str]] | None], *,
+                column: str | None = None) -> WriteResult | None:
+        """Bring a table derived from others (no LLM) up to date with its inputs.
+
+        `build()` compares the table with its inputs as they are now and returns None when they
+        agree, else the rows to write: the whole table, or with `column` a pair (rows, the values
+        of `column` they replace). The table's version is read before `build` reads the inputs,
+        so a run that commits the same table in between makes this a conflict, and the rows are
+        derived again rather than written from inputs older than that run's."""
+        attempts = self.cfg.storage.commit_retries + 1
+        for attempt in range(attempts):
+            read_version = self.version(name)
+            built = build()
+            if built is None:
+                return None
+            try:
+                if column is None:
+                    return self.overwrite(built, name, read_version=read_version)
+                rows, values = built
+                return self.replace(rows, name, column, values, read_version=read_version, split=True)
+            except ConflictError as exc:
+                if attempt + 1 == attempts:
+                    raise
+                log.warning("table '%s': %s; deriving it again", name, exc)
+        return None
 
     @abstractmethod
     def history(self, name: str, limit: int | None = None) -> list[dict]: ...
@@ -189,8 +238,11 @@ class Storage(ABC):
 # Embedded backend: pyarrow writes in tasks, delta-rs commits on the driver
 
 
-def _write_files_udf(table_uri: str, write_id: str, arrow_schema: pa.Schema):
-    """mapInArrow function: write this task's rows into Parquet files under the table folder."""
+def _write_files_udf(table_uri: str, write_id: str, arrow_schema: pa.Schema, split_by: str | None = None):
+    """mapInArrow function: write this task's rows into Parquet files under the table folder.
+
+    With `split_by` (rows sorted by it within the task), every file holds one value of that
+    column, so a later `replace` of some values touches only their own files."""
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
@@ -199,7 +251,7 @@ def _write_files_udf(table_uri: str, write_id: str, arrow_schema: pa.Schema):
         part = ctx.partitionId() if ctx else 0
         attempt = ctx.attemptNumber() if ctx else 0
         fs, root = pafs.FileSystem.from_uri(table_uri)
-        written: list[tuple[str, int, int, bytes]] = []
+        written: list[tuple[str, int, int, bytes, str | None]] = []
         writer = None
         name = None
         rows = bytes_in = 0
@@ -212,15 +264,18 @@ def _write_files_udf(table_uri: str, write_id: str, arrow_schema: pa.Schema):
                 writer.close()
                 size = fs.get_file_info(f"{root}/{name}").size
                 blob = b"".join(h.to_numpy(zero_copy_only=False).astype("<i8").tobytes() for h in hashes)
-                written.append((name, size, rows, blob))
+                written.append((name, size, rows, blob, None if value is None else str(value)))
                 hashes.clear()
                 writer = None
 
-        for batch in batches:
+        value = None
+        for batch in _split_runs(batches, split_by):
             if batch.num_rows == 0:
                 continue
-            if writer is None or bytes_in >= TARGET_FILE_BYTES:
+            run_value = batch.column(split_by)[0].as_py() if split_by else None
+            if writer is None or bytes_in >= TARGET_FILE_BYTES or run_value != value:
                 close()
+                value = run_value
                 # The attempt number keeps a retried task from overwriting a file a previous
                 # attempt may still be writing; only the successful attempt's rows reach the driver.
                 name = f"part-{part:05d}-{write_id}-a{attempt}-{file_index:03d}.snappy.parquet"
@@ -239,11 +294,26 @@ def _write_files_udf(table_uri: str, write_id: str, arrow_schema: pa.Schema):
         if written:
             yield pa.RecordBatch.from_pydict(
                 {"path": [w[0] for w in written], "size": [w[1] for w in written],
-                 "num_records": [w[2] for w in written], "key_hashes": [w[3] for w in written]},
+                 "num_records": [w[2] for w in written], "key_hashes": [w[3] for w in written],
+                 "split_value": [w[4] for w in written]},
                 schema=_FILE_META_ARROW,
             )
 
     return write
+
+
+def _split_runs(batches: Iterator[pa.RecordBatch], column: str | None) -> Iterator[pa.RecordBatch]:
+    """The batches cut wherever `column` changes value (unchanged when `column` is None)."""
+    for batch in batches:
+        if column is None or batch.num_rows == 0:
+            yield batch
+            continue
+        values = batch.column(column).to_pylist()
+        start = 0
+        for i in range(1, len(values) + 1):
+            if i == len(values) or values[i] != values[start]:
+                yield batch.slice(start, i - start)
+                start = i
 
 
 @dataclass
@@ -257,7 +327,12 @@ class StagedWrite:
     files: list[tuple[str, int, int]]  # (relative path, bytes, rows)
     read_version: int  # -1 when the table did not exist
     key: tuple[str, ...]
-    mode: str  # append | overwrite
+    mode: str  # append | overwrite | replace
+    # replace: the rows whose `column` holds one of `values` are replaced by the staged rows
+    column: str | None = None
+    values: frozenset = frozenset()
+    file_values: dict[str, str | None] = field(default_factory=dict)  # file -> its value of `column`
+    carried: list[tuple[str, int, int]] = field(default_factory=list)  # other rows of rewritten files
 
     @property
     def rows(self) -> int:
@@ -284,6 +359,10 @@ class EmbeddedDeltaStorage(Storage):
 
         return DeltaTable.is_deltatable(self.uri(name))
 
+    def version(self, name: str) -> int:
+        dt = self._table(name)
+        return dt.version() if dt is not None else -1
+
     def _spark_schema(self, name: str, dt) -> T.StructType:
         spec = spec_for(name)
         arrow = pa.schema(dt.schema().to_arrow())
@@ -308,13 +387,21 @@ class EmbeddedDeltaStorage(Storage):
 
     # -- writing ----------------------------------------------------------------------------
 
-    def stage(self, df: DataFrame, name: str, key: str | Sequence[str] = (), mode: str = "append") -> StagedWrite:
-        """Phase 1: write the new rows as Parquet files; nothing is visible until `commit`."""
+    def stage(self, df: DataFrame, name: str, key: str | Sequence[str] = (), mode: str = "append", *,
+              read_version: int | None = None, column: str | None = None,
+              values: Sequence[str] = (), split: bool = False) -> StagedWrite:
+        """Phase 1: write the new rows as Parquet files; nothing is visible until `commit`.
+
+        `read_version`: the table's version when the caller read the inputs these rows derive
+        from (default: now); a commit by another writer after it is a conflict. `mode="replace"`
+        replaces the rows whose `column` is in `values`; with `split`, each file holds one value
+        of `column`, so later replaces of other values never touch it."""
         keys = tuple(_keys(key)) if key else ()
         spec = spec_for(name)
         dt = self._table(name)
-        read_version = dt.version() if dt is not None else -1
-        if dt is not None and mode == "append":
+        if read_version is None:
+            read_version = dt.version() if dt is not None else -1
+        if dt is not None and mode in ("append", "replace"):
             df = check_schema(df, name, self._spark_schema(name, dt))
         else:
             df = check_schema(df, name, spec.schema if spec else None)
@@ -325,6 +412,9 @@ class EmbeddedDeltaStorage(Storage):
             if dt is not None and mode == "append" and dt.file_uris():
                 done = self.read(name).select(*keys)
                 df = df.join(done, on=list(keys), how="left_anti")
+        split_by = column if split else None
+        if split_by is not None:
+            df = df.sortWithinPartitions(split_by)
         schema = _nullable(df.schema)
         if keys:
             # Duplicates inside this batch are found from key hashes the tasks send back, not by a
@@ -335,53 +425,71 @@ class EmbeddedDeltaStorage(Storage):
         write_id = uuid.uuid4().hex[:16]
         fs, root = pafs.FileSystem.from_uri(uri)
         fs.create_dir(root, recursive=True)
-        meta = df.mapInArrow(_write_files_udf(uri, write_id, arrow_schema), FILE_META).collect()
+        self._remove_orphans_once(name)
+        with self._registered(fs, root, write_id):
+            meta = df.mapInArrow(_write_files_udf(uri, write_id, arrow_schema, split_by), FILE_META).collect()
         files = [(r["path"], r["size"], r["num_records"]) for r in meta]
-        staged = StagedWrite(name, uri, write_id, schema, files, read_version, keys, mode)
+        staged = StagedWrite(name, uri, write_id, schema, files, read_version, keys, mode, column, frozenset(values),
+                             {r["path"]: r["split_value"] for r in meta if split_by is not None})
+        if split_by is not None:
+            strays = sorted({r["split_value"] for r in meta} - staged.values, key=str)
+            if strays:
+                self.discard(staged)
+                raise GlanError(f"table '{name}': rows to replace hold {column}={strays[0]!r}, "
+                                f"which is not among the values being replaced")
         if keys:
             _drop_duplicate_keys(staged, [bytes(r["key_hashes"] or b"") for r in meta])
         return staged
 
     def commit(self, staged: StagedWrite, operation_note: str = "") -> WriteResult:
-        """Phase 2: one Delta commit for every staged file, idempotent through an app transaction."""
+        """Phase 2: one Delta commit for every staged file, idempotent through an app transaction.
+        A write that cannot commit removes its files: they never reach a reader either way."""
         from deltalake.exceptions import CommitFailedError, DeltaError
 
-        if staged.mode == "append" and not staged.files:
-            return WriteResult(staged.name, 0, None)
-        for _ in range(self.cfg.storage.commit_retries + 1):
-            try:
-                version = self._commit_once(staged, operation_note)
-                log.info("committed %s rows to %s (version %s)", staged.rows, staged.name, version)
-                return WriteResult(staged.name, staged.rows, version)
-            # Two writers creating a table at once: the loser sees FileExistsError or, when the
-            # winner's log is already there, DeltaError("A Delta Lake table already exists ...").
-            except (CommitFailedError, DeltaError, OSError) as exc:
-                done = self._already_committed(staged)
-                if done is not None:
-                    return WriteResult(staged.name, staged.rows, done)
-                if "already exists" in str(exc) or isinstance(exc, CommitFailedError):
-                    self._resolve_conflict(staged)
-                    if staged.mode == "append" and not staged.files:
-                        return WriteResult(staged.name, 0, None)
-                    continue
-                raise
-        raise ConflictError(
-            f"table '{staged.name}': gave up after {self.cfg.storage.commit_retries + 1} conflicting commits "
-            "by other writers; rerun the stage to write the remaining rows")
+        try:
+            if staged.mode == "append" and not staged.files:
+                return WriteResult(staged.name, 0, None)
+            for _ in range(self.cfg.storage.commit_retries + 1):
+                try:
+                    version = self._commit_once(staged, operation_note)
+                    log.info("committed %s rows to %s (version %s)", staged.rows, staged.name, version)
+                    _after_commit(staged.name)
+                    return WriteResult(staged.name, staged.rows, version)
+                # Two writers creating a table at once: the loser sees FileExistsError or, when the
+                # winner's log is already there, DeltaError("A Delta Lake table already exists ...").
+                except (CommitFailedError, DeltaError, OSError) as exc:
+                    done = self._already_committed(staged)
+                    if done is not None:
+                        return WriteResult(staged.name, staged.rows, done)
+                    if "already exists" in str(exc) or isinstance(exc, CommitFailedError):
+                        self._resolve_conflict(staged)
+                        if staged.mode == "append" and not staged.files:
+                            return WriteResult(staged.name, 0, None)
+                        continue
+                    raise
+            raise ConflictError(
+                f"table '{staged.name}': gave up after {self.cfg.storage.commit_retries + 1} conflicting commits "
+                "by other writers; rerun the stage to write the remaining rows")
+        except BaseException:
+            if self._already_committed(staged) is None:
+                self.discard(staged)
+            raise
 
     def _already_committed(self, staged: StagedWrite) -> int | None:
-        dt = self._table(staged.name)
-        if dt is not None and dt.transaction_version(staged.app_id) is not None:
-            return dt.version()
+        try:
+            dt = self._table(staged.name)
+            if dt is not None and dt.transaction_version(staged.app_id) is not None:
+                return dt.version()
+        except Exception:  # noqa: BLE001 - asked while handling another error: unknown counts as no
+            pass
         return None
 
     def _commit_once(self, staged: StagedWrite, operation_note: str) -> int:
         from deltalake import CommitProperties, Schema, Transaction
+        from deltalake.exceptions import CommitFailedError
         from deltalake.transaction import AddAction, create_table_with_add_actions
 
         now = int(time.time() * 1000)
-        actions = [AddAction(path, size, {}, now, True, json.dumps({"numRecords": rows}))
-                   for path, size, rows in staged.files]
         props = CommitProperties(
             app_transactions=[Transaction(staged.app_id, 1, now)],
             custom_metadata={"glan.write_id": staged.write_id, "glan.rows": str(staged.rows),
@@ -390,23 +498,76 @@ class EmbeddedDeltaStorage(Storage):
         )
         arrow_schema = to_arrow_schema(staged.schema, timezone="UTC")
         dt = self._table(staged.name)
+        if dt is not None and dt.version() != staged.read_version:
+            # Someone committed after we planned and before we loaded: treat it as the
+            # conflict it is, so the keys check in _resolve_conflict runs before we commit.
+            raise CommitFailedError(f"table moved from version {staged.read_version} to {dt.version()}")
+        removed = self._plan_replace(staged, dt) if staged.mode == "replace" and dt is not None else []
+
+        def add(path: str, size: int, rows: int) -> AddAction:
+            stats = {"numRecords": rows}
+            value = staged.file_values.get(path)
+            if value is not None:
+                stats.update(minValues={staged.column: value}, maxValues={staged.column: value})
+            return AddAction(path, size, {}, now, True, json.dumps(stats))
+
+        actions = [add(*f) for f in staged.files + staged.carried]
         if dt is None:
             create_table_with_add_actions(staged.uri, Schema.from_arrow(arrow_schema), actions,
                                           mode="error", name=staged.name, commit_properties=props)
+        elif staged.mode == "replace":
+            dt.create_write_transaction(removed + actions, mode="append", schema=dt.schema(), commit_properties=props)
         else:
-            if dt.version() != staged.read_version:
-                # Someone committed after we planned and before we loaded: treat it as the
-                # conflict it is, so the keys check in _resolve_conflict runs before we commit.
-                from deltalake.exceptions import CommitFailedError
-
-                raise CommitFailedError(f"table moved from version {staged.read_version} to {dt.version()}")
             schema = Schema.from_arrow(arrow_schema) if staged.mode == "overwrite" else dt.schema()
             dt.create_write_transaction(actions, mode=staged.mode, schema=schema, commit_properties=props)
         dt = self._table(staged.name)
         return dt.version()
 
+    def _plan_replace(self, staged: StagedWrite, dt) -> list:
+        """Remove actions for every file holding a row being replaced; rows of other values in those
+        files are written again (`staged.carried`). Files that hold one value (stats) are decided
+        without reading them."""
+        from deltalake.transaction import RemoveAction
+
+        fs, root = pafs.FileSystem.from_uri(staged.uri)
+        self._drop_carried(staged)
+        actions = pa.table(dt.get_add_actions(flatten=True))
+        lo, hi = f"min.{staged.column}", f"max.{staged.column}"
+        removed, carried = [], []
+        now = int(time.time() * 1000)
+        for row in actions.to_pylist():
+            single = row.get(lo) is not None and row.get(lo) == row.get(hi)
+            if single and row[lo] not in staged.values:
+                continue
+            if not single:
+                table = pq.read_table(f"{root}/{row['path']}", filesystem=fs)
+                hit = pc.is_in(table.column(staged.column).cast(pa.string()),
+                               value_set=pa.array(sorted(staged.values), pa.string()))
+                if not pc.any(hit).as_py():
+                    continue
+                others = table.filter(pc.invert(pc.fill_null(hit, False)))
+                if others.num_rows:
+                    carried.append(others)
+            removed.append(RemoveAction(row["path"], True, now, row["size_bytes"]))
+        if carried:
+            path = f"part-carry-{staged.write_id}-{uuid.uuid4().hex[:6]}.snappy.parquet"
+            pq.write_table(pa.concat_tables(carried, promote_options="default"), f"{root}/{path}",
+                           filesystem=fs, compression="snappy")
+            staged.carried = [(path, fs.get_file_info(f"{root}/{path}").size, sum(t.num_rows for t in carried))]
+        return removed
+
+    def _drop_carried(self, staged: StagedWrite) -> None:
+        fs, root = pafs.FileSystem.from_uri(staged.uri)
+        for path, _, _ in staged.carried:
+            try:
+                fs.delete_file(f"{root}/{path}")
+            except OSError:
+                pass
+        staged.carried = []
+
     def _resolve_conflict(self, staged: StagedWrite) -> None:
-        """Another writer committed first. Drop from our staged files the keys it committed."""
+        """Another writer committed first. An append drops from our staged files the keys it
+        committed; a replace goes on when the other writer left our values alone."""
         if staged.mode == "overwrite":
             raise ConflictError(f"table '{staged.name}' changed while it was being overwritten; rerun")
         dt = self._table(staged.name)
@@ -417,6 +578,18 @@ class EmbeddedDeltaStorage(Storage):
             before = set()
         added = [f for f in dt.file_uris() if f not in before]
         staged.read_version = new_version
+        if staged.mode == "replace":
+            # Another run's rows of our values mean it derived them at the same time, maybe from
+            # newer inputs: derive again. Rows it only carried over (other values of files it
+            # rewrote) are planned anew by the next attempt.
+            theirs = [_read_columns(f, [staged.column]) for f in added if "part-carry-" not in f]
+            hit = any(pc.any(pc.is_in(t.column(0).cast(pa.string()),
+                                      value_set=pa.array(sorted(staged.values), pa.string()))).as_py()
+                      for t in theirs if t.num_rows)
+            if hit:
+                raise ConflictError(f"table '{staged.name}': another run rewrote the same "
+                                    f"{staged.column} values at the same time; rerun")
+            return
         if not staged.key or not added:
             return
         fs, root = pafs.FileSystem.from_uri(staged.uri)
@@ -442,6 +615,7 @@ class EmbeddedDeltaStorage(Storage):
     def discard(self, staged: StagedWrite) -> None:
         """Delete staged files that will never be committed."""
         fs, root = pafs.FileSystem.from_uri(staged.uri)
+        self._drop_carried(staged)
         for path, _, _ in staged.files:
             try:
                 fs.delete_file(f"{root}/{path}")
@@ -451,8 +625,87 @@ class EmbeddedDeltaStorage(Storage):
     def append_missing(self, df: DataFrame, name: str, key: str | Sequence[str]) -> WriteResult:
         return self.commit(self.stage(df, name, key, mode="append"))
 
-    def overwrite(self, df: DataFrame, name: str) -> WriteResult:
-        return self.commit(self.stage(df, name, (), mode="overwrite"))
+    def overwrite(self, df: DataFrame, name: str, read_version: int | None = None) -> WriteResult:
+        return self.commit(self.stage(df, name, (), mode="overwrite", read_version=read_version))
+
+    def replace(self, df: DataFrame, name: str, column: str, values: Sequence[str], *,
+                read_version: int | None = None, split: bool = False) -> WriteResult:
+        return self.commit(self.stage(df, name, (), mode="replace", read_version=read_version,
+                                      column=column, values=values, split=split))
+
+    # -- leftovers of writes that never committed ----------------------------------------------
+
+    @contextmanager
+    def _registered(self, fs: pafs.FileSystem, root: str, write_id: str) -> Iterator[None]:
+        """While its files are being written, a write is named in `<table>/_glan_writes/` with its
+        host and pid, so that a cleanup by another run never takes the files of a live write."""
+        marker = f"{root}/{WRITES_DIR}/{write_id}.json"
+        fs.create_dir(f"{root}/{WRITES_DIR}", recursive=True)
+        with fs.open_output_stream(marker) as sink:
+            sink.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                   "heartbeat": time.time()}).encode())
+        try:
+            yield
+        finally:
+            try:
+                fs.delete_file(marker)
+            except OSError:
+                pass
+
+    def _remove_orphans_once(self, name: str) -> None:
+        key = (self.uri(name), os.getpid())
+        if key in _CLEANED:
+            return
+        _CLEANED.add(key)
+        try:
+            removed = self.remove_orphans(name)
+        except (OSError, pa.ArrowException) as exc:  # cleanup must never stop a write
+            log.warning("table '%s': could not look for leftover files: %s", name, exc)
+            return
+        if removed:
+            log.warning("table '%s': removed %d file(s) of writes that never committed", name, len(removed))
+
+    def remove_orphans(self, name: str, min_age_s: float | None = None) -> list[str]:
+        """Delete Parquet files in the table folder that no commit ever added: the leftovers of
+        writes killed before they committed. A file is kept while its write is alive (its marker
+        names a live process, or a heartbeat younger than pipeline.spool_stale_after_s), and while
+        it is younger than `min_age_s` (default: the same stale time) when no marker says who
+        wrote it."""
+        from jobs.common.spool import owner_is_dead
+
+        dt = self._table(name)
+        if dt is None:
+            return []
+        stale = float(self.cfg.pipeline.spool_stale_after_s)
+        min_age_s = stale if min_age_s is None else min_age_s
+        fs, root = pafs.FileSystem.from_uri(self.uri(name))
+        markers = {}
+        for info in fs.get_file_info(pafs.FileSelector(f"{root}/{WRITES_DIR}", allow_not_found=True)):
+            try:
+                markers[info.base_name.removesuffix(".json")] = json.loads(fs.open_input_stream(info.path).read())
+            except (OSError, ValueError):
+                markers[info.base_name.removesuffix(".json")] = None
+        live = {w for w, owner in markers.items() if not owner_is_dead(owner, stale)}
+        committed = _committed_write_ids(dt)
+        now = time.time()
+        removed = []
+        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            base = info.base_name
+            if info.type != pafs.FileType.File or not base.endswith(".parquet") or base.startswith(("_", ".")):
+                continue
+            write_id = _write_id_of(base)
+            if write_id is None or write_id in committed or write_id in live:
+                continue
+            if write_id not in markers and now - info.mtime.timestamp() < min_age_s:
+                continue
+            fs.delete_file(info.path)
+            removed.append(base)
+        for write_id in set(markers) - live:
+            try:
+                fs.delete_file(f"{root}/{WRITES_DIR}/{write_id}.json")
+            except OSError:
+                pass
+        return removed
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -471,6 +724,28 @@ class EmbeddedDeltaStorage(Storage):
         last = dt.history(1)
         when = (datetime.fromtimestamp(last[0]["timestamp"] / 1000, tz=timezone.utc) if last else None)
         return TableInfo(name, rows, dt.version(), when, self.uri(name))
+
+
+def _after_commit(name: str) -> None:
+    _COMMITS["n"] += 1
+    when = os.environ.get(KILL_AFTER_COMMIT_ENV)
+    if when and (name == when or (when.isdigit() and _COMMITS["n"] >= int(when))):
+        log.warning("fault injection: killed after commit %d (table '%s')", _COMMITS["n"], name)
+        if os.getsid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _committed_write_ids(dt) -> set[str]:
+    return {entry["glan.write_id"] for entry in dt.history() if entry.get("glan.write_id")}
+
+
+def _write_id_of(file_name: str) -> str | None:
+    """The write id in the name of a file this backend wrote (`part-<task|carry>-<write id>-...`)."""
+    parts = file_name.split("-")
+    if len(parts) >= 4 and parts[0] == "part" and len(parts[2]) == 16:
+        return parts[2]
+    return None
 
 
 def _drop_duplicate_keys(staged: StagedWrite, blobs: list[bytes]) -> None:
@@ -591,10 +866,28 @@ class NativeDeltaStorage(Storage):
         rows = int(metrics.get("numTargetRowsInserted", metrics.get("numOutputRows", 0)))
         return WriteResult(name, rows, int(last["version"]))
 
-    def overwrite(self, df: DataFrame, name: str) -> WriteResult:
+    def version(self, name: str) -> int:
+        return int(self._delta(name).history(1).collect()[0]["version"]) if self.exists(name) else -1
+
+    def overwrite(self, df: DataFrame, name: str, read_version: int | None = None) -> WriteResult:
+        # Delta's own optimistic concurrency decides conflicts here; read_version is for the embedded backend.
         spec = spec_for(name)
         df = check_schema(df, name, spec.schema if spec else None)
         df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(self.uri(name))
+        return self._written(name)
+
+    def replace(self, df: DataFrame, name: str, column: str, values: Sequence[str], *,
+                read_version: int | None = None, split: bool = False) -> WriteResult:
+        spec = spec_for(name)
+        df = check_schema(df, name, spec.schema if spec else None)
+        if split:
+            df = df.repartition(column)
+        quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values) or "NULL"
+        (df.write.format("delta").mode("overwrite").option("replaceWhere", f"`{column}` IN ({quoted})")
+         .save(self.uri(name)))
+        return self._written(name)
+
+    def _written(self, name: str) -> WriteResult:
         self._register(name)
         last = self._delta(name).history(1).collect()[0]
         return WriteResult(name, int((last["operationMetrics"] or {}).get("numOutputRows", 0)), int(last["version"]))
@@ -664,6 +957,22 @@ def overwrite(df: DataFrame, name: str, cfg: GlanConfig) -> WriteResult:
 
 def missing_rows(df: DataFrame, name: str, key: str | Sequence[str], cfg: GlanConfig) -> DataFrame:
     return get_storage(df.sparkSession, cfg).missing_rows(df, name, key)
+
+
+def digests(df: DataFrame, column: str | None = None) -> dict:
+    """(rows, sum of row hashes) per value of `column` (or for the whole frame under None):
+    equal for the same rows in any order and any file layout."""
+    columns = sorted(df.columns)
+    figures = [F.count(F.lit(1)).alias("n"),
+               F.sum(F.xxhash64(*columns).cast("decimal(38,0)")).alias("h")]
+    grouped = df.groupBy(column).agg(*figures) if column else df.agg(*figures).select(F.lit(None).alias("_v"), "*")
+    return {row[0]: (int(row["n"]), int(row["h"] or 0)) for row in grouped.collect()}
+
+
+def differing_values(expected: DataFrame, current: DataFrame, column: str) -> list:
+    """The values of `column` whose rows in `current` are not exactly those in `expected`."""
+    want, have = digests(expected, column), digests(current, column)
+    return sorted((v for v in set(want) | set(have) if want.get(v) != have.get(v)), key=str)
 
 
 def empty_like(spark: SparkSession, schema: T.StructType) -> DataFrame:
