@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,6 @@ def test_config_errors_name_the_key_and_the_file(tmp_path, content, sets, messag
     path.write_text(content)
     with pytest.raises(ConfigError) as info:
         load_config([str(path)], sets)
-    import re
     assert re.match(message.format(file=re.escape(str(path))), str(info.value)), str(info.value)
     assert "\n" not in str(info.value)
 
@@ -123,3 +123,17 @@ append_missing(spark.createDataFrame([("q1", "a")], "question_id string, id stri
 def test_format_table_aligns_and_cuts_long_cells():
     text = format_table(["name", "n"], [["a", 1], ["b" * 100, 22]], max_width=10)
     assert text.splitlines() == ["name         n", "----------  --", "a            1", "bbbbbbb...  22"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "{file}: not a YAML text file (byte 0 is not UTF-8)"),
+    (b"- run_root\n- llm\n", "{file}: the top level must be a mapping of keys, not list"),
+    (b"run_root: [\n", "{file} line 2: not valid YAML (expected the node content, but found '<stream end>')"),
+], ids=["binary", "list", "syntax"])
+def test_an_unreadable_conf_file_is_exit_2_and_one_line_naming_it(tmp_path, content, message):
+    path = tmp_path / "conf.yaml"
+    path.write_bytes(content)
+    proc = glan("tables", "--conf", str(path), "--set", f"run_root={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "glan: error: " + message.format(file=path)
+    assert not (tmp_path / "run").exists()
