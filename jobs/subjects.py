@@ -2,8 +2,9 @@
 
 For each discipline, `subjects.samples_per_discipline` free-text calls (an education expert lists
 what a student should learn), then one conversion call per list into subject_name / level /
-subtopics. Within one discipline the same subject named by several samples is one row that counts
-them; across disciplines nothing is merged (the paper keeps calculus in physics and mathematics).
+subtopics. Within one discipline the same subject named by several samples is one row, the first
+sample's, that counts them; across disciplines nothing is merged (the paper keeps calculus in
+physics and mathematics).
 Run: spark-submit jobs/subjects.py --conf conf/local.yaml [--disciplines "Mathematics,Physics"]
 """
 
@@ -38,26 +39,32 @@ def list_requests(disciplines: DataFrame, samples: int) -> DataFrame:
 
 
 def build_subjects(conversions: DataFrame) -> DataFrame:
-    """Merge the samples of each discipline: one row per (discipline, normalised subject name)."""
+    """Merge the samples of each discipline: one row per (discipline, normalised subject name).
+
+    As in the paper, a subject is one sample's subject: the first sample that named it (lowest
+    sample index, then its place in that sample's list) gives its name, level and subtopics in
+    their own order; the other samples only count (`num_samples`, `sample_indices`)."""
     exploded = (
         conversions
         .select("discipline_id", "sample_index",
-                F.explode(F.from_json("subjects_json", PARSED_SUBJECTS)["subjects"]).alias("s"))
-        .select("discipline_id", "sample_index", F.trim(F.col("s.subject_name")).alias("subject_name"),
+                F.posexplode(F.from_json("subjects_json", PARSED_SUBJECTS)["subjects"]).alias("_position", "s"))
+        .select("discipline_id", "sample_index", "_position",
+                F.trim(F.col("s.subject_name")).alias("subject_name"),
                 F.trim(F.col("s.level")).alias("level"), F.col("s.subtopics").alias("subtopics"))
         .filter(F.length("subject_name") > 0)
         .withColumn("_name_key", F.trim(F.regexp_replace(F.lower("subject_name"), r"[\s]+", " ")))
     )
+    first = F.min(F.struct(F.col("sample_index").cast("int"), "_position", "subject_name", "level",
+                           F.coalesce("subtopics", F.array().cast("array<string>")).alias("subtopics")))
     grouped = exploded.groupBy("discipline_id", "_name_key").agg(
-        F.min("subject_name").alias("subject_name"),
-        F.mode("level", deterministic=True).alias("level"),
-        F.array_sort(F.array_distinct(F.flatten(F.collect_list(F.coalesce("subtopics", F.array()))))).alias("subtopics"),
+        first.alias("_first"),
         F.countDistinct("sample_index").cast("int").alias("num_samples"),
         F.array_sort(F.collect_set(F.col("sample_index").cast("int"))).alias("sample_indices"),
     )
     return grouped.select(
         stable_id("discipline_id", "_name_key").alias("subject_id"),
-        "discipline_id", "subject_name", "level", "subtopics", "num_samples", "sample_indices",
+        "discipline_id", F.col("_first.subject_name").alias("subject_name"), F.col("_first.level").alias("level"),
+        F.col("_first.subtopics").alias("subtopics"), "num_samples", "sample_indices",
     )
 
 
