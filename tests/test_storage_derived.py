@@ -145,15 +145,15 @@ def test_files_of_writes_that_never_committed_are_removed_and_live_ones_kept(spa
     marked_dead = leftover(storage, "f" * 16)             # its marker names a process that is gone
     marked_live = leftover(storage, "1" * 16)             # its marker names this live process
     markers = Path(storage.uri("things")) / WRITES_DIR
-    markers.mkdir(exist_ok=True)
     owner = {"host": os.uname().nodename, "heartbeat": time.time()}
-    (markers / f"{'f' * 16}.json").write_text(json.dumps({**owner, "pid": 2 ** 22 + 17}))
-    (markers / f"{'1' * 16}.json").write_text(json.dumps({**owner, "pid": os.getpid()}))
+    for write_id, pid in (("f" * 16, 2 ** 22 + 17), ("1" * 16, os.getpid())):
+        (markers / write_id).mkdir(parents=True)
+        (markers / write_id / "_owner.json").write_text(json.dumps({**owner, "pid": pid}))
 
     removed = storage.remove_orphans("things")
     assert sorted(removed) == sorted([dead.name, marked_dead.name])
     assert parquet_files(storage) == committed | {young.name, marked_live.name}
-    assert not (markers / f"{'f' * 16}.json").exists()
+    assert not (markers / ("f" * 16)).exists() and (markers / ("1" * 16)).exists()
     assert storage.remove_orphans("things", min_age_s=0) == [young.name]
     assert content(storage) == {("a", "1")}
 
@@ -169,3 +169,4 @@ def test_the_next_write_of_a_table_removes_its_leftovers(spark, cfg, tmp_path):
     storage.append_missing(frame(spark, [("b", "2")]), "leftovers", "item")
     assert not dead.exists()
     assert {r["item"] for r in storage.read("leftovers").collect()} == {"1", "2"}
+    assert not list((Path(storage.uri("leftovers")) / WRITES_DIR).iterdir())  # a finished write leaves no marker

@@ -637,18 +637,21 @@ class EmbeddedDeltaStorage(Storage):
 
     @contextmanager
     def _registered(self, fs: pafs.FileSystem, root: str, write_id: str) -> Iterator[None]:
-        """While its files are being written, a write is named in `<table>/_glan_writes/` with its
-        host and pid, so that a cleanup by another run never takes the files of a live write."""
-        marker = f"{root}/{WRITES_DIR}/{write_id}.json"
-        fs.create_dir(f"{root}/{WRITES_DIR}", recursive=True)
-        with fs.open_output_stream(marker) as sink:
-            sink.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                   "heartbeat": time.time()}).encode())
+        """While its files are being written, a write has a folder in `<table>/_glan_writes/` whose
+        owner file (host, pid, a heartbeat every 30 s, as the spool's) tells a cleanup by another
+        run that its files are not leftovers."""
+        from jobs.common.spool import _HEARTBEAT, _write_owner
+
+        marker = f"{root}/{WRITES_DIR}/{write_id}"
+        fs.create_dir(marker, recursive=True)
+        _write_owner(fs, marker, {"write_id": write_id, "host": socket.gethostname(), "pid": os.getpid()})
+        _HEARTBEAT.add(marker, fs, marker, {"write_id": write_id, "host": socket.gethostname(), "pid": os.getpid()})
         try:
             yield
         finally:
+            _HEARTBEAT.discard(marker)
             try:
-                fs.delete_file(marker)
+                fs.delete_dir(marker)
             except OSError:
                 pass
 
@@ -671,7 +674,7 @@ class EmbeddedDeltaStorage(Storage):
         names a live process, or a heartbeat younger than pipeline.spool_stale_after_s), and while
         it is younger than `min_age_s` (default: the same stale time) when no marker says who
         wrote it."""
-        from jobs.common.spool import owner_is_dead
+        from jobs.common.spool import _read_owner, owner_is_dead
 
         dt = self._table(name)
         if dt is None:
@@ -679,12 +682,9 @@ class EmbeddedDeltaStorage(Storage):
         stale = float(self.cfg.pipeline.spool_stale_after_s)
         min_age_s = stale if min_age_s is None else min_age_s
         fs, root = pafs.FileSystem.from_uri(self.uri(name))
-        markers = {}
-        for info in fs.get_file_info(pafs.FileSelector(f"{root}/{WRITES_DIR}", allow_not_found=True)):
-            try:
-                markers[info.base_name.removesuffix(".json")] = json.loads(fs.open_input_stream(info.path).read())
-            except (OSError, ValueError):
-                markers[info.base_name.removesuffix(".json")] = None
+        markers = {info.base_name: _read_owner(fs, info.path)
+                   for info in fs.get_file_info(pafs.FileSelector(f"{root}/{WRITES_DIR}", allow_not_found=True))
+                   if info.type == pafs.FileType.Directory}
         live = {w for w, owner in markers.items() if not owner_is_dead(owner, stale)}
         committed = _committed_write_ids(dt)
         now = time.time()
@@ -702,7 +702,7 @@ class EmbeddedDeltaStorage(Storage):
             removed.append(base)
         for write_id in set(markers) - live:
             try:
-                fs.delete_file(f"{root}/{WRITES_DIR}/{write_id}.json")
+                fs.delete_dir(f"{root}/{WRITES_DIR}/{write_id}")
             except OSError:
                 pass
         return removed
