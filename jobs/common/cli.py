@@ -2,6 +2,7 @@
 
 Every command takes `--conf FILE` (repeatable) and `--set key=value` (repeatable). Errors are one
 line on stderr: exit code 2 for bad configuration or input, 1 for other failures, 130 on Ctrl-C.
+`glan sql` runs queries only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jobs.common.config import GlanConfig
-from jobs.common.errors import GlanError
+from jobs.common.errors import GlanError, InputError
 from jobs.common.jobargs import add_config_args, config_from_args
 
 log = logging.getLogger("glan")
@@ -71,7 +72,7 @@ def print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, 
         for row in rows:
             print(json.dumps({c: _to_jsonable(v) for c, v in zip(columns, row)}, ensure_ascii=False))
     elif fmt == "csv":
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")  # csv's default "\r\n" leaves "3\r" in `| tail -1`
         writer.writerow(columns)
         for row in rows:
             writer.writerow([json.dumps(_to_jsonable(v), ensure_ascii=False) if isinstance(v, (list, dict)) or hasattr(v, "asDict")
@@ -120,11 +121,94 @@ def register_views(spark, cfg: GlanConfig) -> list[str]:
     return names
 
 
+# `glan sql` reads; it never changes a table. What it runs is decided on Spark's own parse of the
+# statement, against allow-lists, so a statement kind a later Spark adds is refused until someone
+# decides it only reads. Query operators (simple class names of parsed logical plans):
+QUERY_PLANS = frozenset({
+    "Aggregate", "Distinct", "Except", "Filter", "Generate", "GlobalLimit", "Intersect", "Join",
+    "LateralJoin", "LimitAll", "LocalLimit", "LocalRelation", "Offset", "OneRowRelation", "PipeOperator",
+    "Pivot", "Project", "RelationTimeTravel", "RepartitionByExpression", "Sample", "Sort", "SubqueryAlias",
+    "Union", "Unpivot", "UnresolvedHaving", "UnresolvedHint", "UnresolvedInlineTable", "UnresolvedQualify",
+    "UnresolvedRelation", "UnresolvedSubqueryColumnAliases", "UnresolvedTVFAliases",
+    "UnresolvedTableValuedFunction", "UnresolvedWith", "WithWindowDefinition",
+})
+# Statements that only look at the catalog; allowed as the whole statement, never inside another.
+READ_COMMANDS = frozenset({
+    "ShowTables", "ShowViews", "ShowColumns", "ShowFunctions",
+    "DescribeRelation", "DescribeColumn", "DescribeFunction",
+})
+# EXPLAIN and DESCRIBE QUERY never run their query; it must still be one (the accessor names it).
+QUERY_WRAPPERS = {"ExplainCommand": "logicalPlan", "DescribeQueryCommand": "plan"}
+# reflect() and friends call any static Java method (System.exit, FileUtil.chmod): not reading.
+REFLECTION_EXPRESSIONS = frozenset({"CallMethodViaReflection", "TryReflect"})
+
+
+def _scala_list(seq: Any) -> list[Any]:
+    it = seq.iterator()
+    items = []
+    while it.hasNext():
+        items.append(it.next())
+    return items
+
+
+def _plan_nodes(plan: Any) -> list[Any]:
+    """Every node of a JVM logical plan: children, CTE definitions and subquery expressions."""
+    nodes, todo = [], [plan]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        todo.extend(_scala_list(node.children()) + _scala_list(node.innerChildren())
+                    + _scala_list(node.subqueries()))
+    return nodes
+
+
+def _plan_name(node: Any) -> str:
+    return node.getClass().getSimpleName().rstrip("$")
+
+
+def _not_a_read(what: str) -> InputError:
+    return InputError(f"glan sql only reads; refused {what} (it runs SELECT, WITH ... SELECT, VALUES, TABLE, "
+                      f"SHOW, DESCRIBE, EXPLAIN); README, section SQL, says how to change data")
+
+
+def check_read_only(spark, query: str) -> None:
+    """Raise InputError unless `query` is one statement that only reads (see QUERY_PLANS)."""
+    from pyspark.errors import ParseException
+
+    try:
+        plan = spark._jsparkSession.sessionState().sqlParser().parsePlan(query)
+    except ParseException as exc:
+        if ";" in query.strip().rstrip(";"):
+            raise InputError(f"glan sql runs one statement at a time ({_one_line(exc)})") from None
+        raise
+    root = _plan_name(plan)
+    if root in READ_COMMANDS:
+        return
+    if root in QUERY_WRAPPERS:
+        plan = getattr(plan, QUERY_WRAPPERS[root])()
+    refused = next((n for n in map(_plan_name, _plan_nodes(plan)) if n not in QUERY_PLANS), None)
+    if refused is not None:
+        raise _not_a_read(f"{refused}, which is not a query")
+
+
+def check_no_reflection(df) -> None:
+    """Raise InputError if the analysed query calls Java through reflect(), java_method() or try_reflect()."""
+    for node in _plan_nodes(df._jdf.queryExecution().analyzed()):
+        todo = _scala_list(node.expressions())
+        while todo:
+            expr = todo.pop()
+            if _plan_name(expr) in REFLECTION_EXPRESSIONS:
+                raise _not_a_read("reflect(), which calls Java methods")
+            todo.extend(_scala_list(expr.children()))
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     spark = _spark_for(cfg, "glan-sql")
+    check_read_only(spark, args.query)
     register_views(spark, cfg)
     result = spark.sql(args.query)
+    check_no_reflection(result)
     rows = result.limit(args.limit).collect() if args.limit else result.collect()
     print_rows(result.columns, [list(r) for r in rows], args.format, args.max_width)
     return 0
@@ -164,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     tables.add_argument("--format", choices=["text", "csv", "json"], default="text")
     tables.set_defaults(func=cmd_tables)
 
-    sql = add_config_args(sub.add_parser("sql", help="run Spark SQL; every table of the run is a view"))
+    sql = add_config_args(sub.add_parser("sql", help="run a Spark SQL query (reads only); every table of the run is a view"))
     sql.add_argument("query")
     sql.add_argument("--format", choices=["text", "csv", "json"], default="text")
     sql.add_argument("--limit", type=int, default=1000, help="rows to print at most (0: all)")
