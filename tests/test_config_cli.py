@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -10,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from py4j.protocol import Py4JJavaError
 
+from jobs.common import cli
 from jobs.common.cli import format_table
 from jobs.common.config import load_config
 from jobs.common.errors import ConfigError
@@ -137,3 +140,62 @@ def test_an_unreadable_conf_file_is_exit_2_and_one_line_naming_it(tmp_path, cont
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "glan: error: " + message.format(file=path)
     assert not (tmp_path / "run").exists()
+
+
+def _worker_raises(spark, error: OSError) -> Exception:
+    """The exception a Spark action raises when a Python task fails with `error`."""
+    from pyspark.sql import functions as F
+
+    @F.udf("string")
+    def write(_):
+        raise error
+
+    try:
+        spark.range(1).select(write("id")).collect()
+    except Exception as exc:  # noqa: BLE001 - whichever class Spark wraps it in
+        return exc
+    raise AssertionError("the task did not fail")
+
+
+FULL_DISKS = {
+    "python": lambda spark: OSError(errno.ENOSPC, "No space left on device", "/full/run/answers/part-0.parquet"),
+    "java": lambda spark: Py4JJavaError("An error occurred while calling o42.save.\n", spark._jvm.org.apache.spark.SparkException(
+        "Job aborted", spark._jvm.java.io.FileNotFoundException("/full/run/answers/_delta_log/00001.json (No space left on device)"))),
+    "python worker": lambda spark: _worker_raises(spark, OSError(errno.ENOSPC, "No space left on device", "/full/run/spool/a.jsonl")),
+}
+
+
+@pytest.mark.parametrize(("make_error", "path"), [
+    (FULL_DISKS["python"], "/full/run/answers/part-0.parquet"),
+    (FULL_DISKS["java"], "/full/run/answers/_delta_log/00001.json"),
+    (FULL_DISKS["python worker"], "/full/run/spool/a.jsonl"),
+], ids=list(FULL_DISKS))
+def test_a_full_disk_is_one_last_line_naming_the_path(spark, monkeypatch, capsys, make_error, path):
+    error = make_error(spark)
+    monkeypatch.setattr(cli, "cmd_tables", lambda args: (_ for _ in ()).throw(error))
+    try:
+        assert cli.main(["tables"]) == 1
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"glan: error: no space left on device: {path} ("), err
+        assert len(err.strip().splitlines()) == 1
+        # Nothing the JVM logs afterwards (tasks being killed, shutdown) can land below that line.
+        assert spark._jvm.org.apache.logging.log4j.LogManager.getRootLogger().getLevel().toString() == "OFF"
+    finally:
+        spark.sparkContext.setLogLevel("WARN")
+
+
+@pytest.mark.parametrize("make_error", [
+    lambda spark: Py4JJavaError("An error occurred while calling o42.save.\n",
+                                spark._jvm.java.io.IOException("No space left on device")),
+    lambda spark: _worker_raises(spark, OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")),
+], ids=["java", "pyarrow in a python worker"])
+def test_a_full_disk_without_a_path_names_the_run_root_and_its_free_space(spark, monkeypatch, capsys, tmp_path, make_error):
+    error = make_error(spark)
+    monkeypatch.setattr(cli, "cmd_tables", lambda args: (_ for _ in ()).throw(error))
+    try:
+        assert cli.main(["tables", "--set", f"run_root={tmp_path / 'run'}"]) == 1
+    finally:
+        spark.sparkContext.setLogLevel("WARN")
+    line = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"glan: error: no space left on device \(the error names no file; run root "
+                        rf"{re.escape(str(tmp_path / 'run'))} [\d.]+ [KMGT]?B free, temp .+ [\d.]+ [KMGT]?B free\)", line), line
