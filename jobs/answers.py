@@ -26,7 +26,8 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
     todo = (storage.missing_rows(questions.withColumn("answer_id", F.col("question_id")), "answers", "answer_id")
             .filter(F.length(F.trim("question")) > 0))
     step = run_llm_step(
-        todo, stage="answers", prompt="answer", stage_llm=ac.llm, inputs=["question"],
+        todo, stage="answers", prompt="answer", stage_llm=ac.llm,
+        inputs=["question", F.lit(ac.system_prompt or "").alias("system_prompt")],
         key="answer_id", output="answers", output_key="answer_id", cfg=cfg, scope=chosen,
         to_output=lambda ok: ok.select("answer_id", "question_id", "combination_id", "syllabus_id", "subject_id",
                                        "discipline_id", F.trim(F.col(RESULT)["text"]).alias("answer"),

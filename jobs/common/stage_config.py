@@ -66,6 +66,9 @@ class AnswersConfig:
 
     llm: StageLLMConfig = field(default_factory=lambda: StageLLMConfig(
         model=CHEAP_MODEL, temperature=0.7, top_p=0.95, max_tokens=2048))
+    # The paper sends the question alone. A system message here steers every answer (e.g. toward
+    # chain of thought), which changes the data away from GLAN's: off (null) by default.
+    system_prompt: str | None = None
 
 
 @dataclass(frozen=True)
