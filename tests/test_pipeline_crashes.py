@@ -18,6 +18,7 @@ from jobs.common.config import load_config
 from jobs.common.pipeline import run_pipeline
 from jobs.common.storage import KILL_AFTER_COMMIT_ENV, get_storage
 from tests.taxonomies import TWO_DISCIPLINES
+from tests.test_pipeline import settings as pipeline_settings
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 REPO = Path(__file__).resolve().parents[1]
@@ -33,17 +34,8 @@ sys.exit(run_pipeline(load_config([], sys.argv[1:])))
 
 
 def settings(run_root: Path, taxonomy: Path, url: str, **extra: object) -> list[str]:
-    values = {
-        "run_root": run_root, "storage.backend": "embedded", "taxonomy.file": taxonomy,
-        "llm.endpoint": "openai", "llm.base_url": url, "llm.api_key_env": "GLAN_TEST_KEY",
-        "llm.max_attempts": 2, "llm.backoff_initial_s": 0.05, "llm.backoff_max_s": 0.2,
-        "subjects.samples_per_discipline": 2, "subjects.max_subjects_per_sample": 2,
-        "syllabus.max_sessions": 3, "syllabus.max_concepts_per_session": 3,
-        "combinations.questions_per_syllabus": 2, "pipeline.rows_per_task": 16,
-        "decontam.benchmarks": "[gsm8k]",
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
+    small = {"subjects.samples_per_discipline": 2, "decontam.benchmarks": "[gsm8k]"}
+    return pipeline_settings(run_root, taxonomy, url, **{**small, **extra})
 
 
 @pytest.fixture()
