@@ -354,3 +354,14 @@ def test_the_next_write_of_a_table_removes_its_leftovers(spark, cfg, tmp_path):
     assert not dead.exists()
     assert {r["item"] for r in storage.read("leftovers").collect()} == {"1", "2"}
     assert not list((Path(storage.uri("leftovers")) / WRITES_DIR).iterdir())  # a finished write leaves no marker
+
+
+def test_vacuum_removes_leftovers_and_only_old_removed_files(spark, storage):
+    storage.overwrite(frame(spark, [("a", "1")]), "things")
+    storage.overwrite(frame(spark, [("b", "1")]), "things")  # the first file is now a removed one
+    dead = leftover(storage, "d" * 16, age_s=7200)
+    assert storage.vacuum("things", retention_hours=168) == 1  # the removed file is younger than a week
+    assert not dead.exists() and len(parquet_files(storage)) == 2
+    assert storage.read("things", version=0).count() == 1       # time travel still works
+    assert storage.vacuum("things", retention_hours=0) == 1
+    assert len(parquet_files(storage)) == 1 and content(storage) == {("b", "1")}

@@ -707,6 +707,17 @@ class EmbeddedDeltaStorage(Storage):
                 pass
         return removed
 
+    def vacuum(self, name: str, retention_hours: float, min_age_s: float | None = None) -> int:
+        """`glan vacuum`: the leftovers of dead writes (`remove_orphans`), then, through delta-rs,
+        files that commits removed more than `retention_hours` ago (time travel to versions older
+        than that stops working). Returns the number of files deleted."""
+        removed = len(self.remove_orphans(name, min_age_s))
+        dt = self._table(name)
+        if dt is None:
+            return removed
+        return removed + len(dt.vacuum(retention_hours=int(retention_hours), dry_run=False,
+                                       enforce_retention_duration=False))
+
     # -- metadata ---------------------------------------------------------------------------
 
     def history(self, name: str, limit: int | None = None) -> list[dict]:
@@ -886,6 +897,11 @@ class NativeDeltaStorage(Storage):
         (df.write.format("delta").mode("overwrite").option("replaceWhere", f"`{column}` IN ({quoted})")
          .save(self.uri(name)))
         return self._written(name)
+
+    def vacuum(self, name: str, retention_hours: float, min_age_s: float | None = None) -> int:
+        # Delta's VACUUM removes uncommitted leftovers and old removed files alike.
+        self.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+        return self.spark.sql(f"VACUUM delta.`{self.uri(name)}` RETAIN {int(retention_hours)} HOURS").count()
 
     def _written(self, name: str) -> WriteResult:
         self._register(name)
