@@ -175,24 +175,95 @@ def test_config_values_are_checked():
     assert _cfg("decontam.minhash.bands=16").minhash.bands_rows() == (16, 8)
 
 
-def test_standalone_command_writes_clean_data_and_contamination(spark, tmp_path):
+def _standalone_args(src, out, *extra: str) -> argparse.Namespace:
+    """`glan decontaminate` arguments as the command line parses them."""
+    from jobs.common.jobargs import add_config_args
+    from jobs.decontaminate import add_arguments
+
+    parser = add_config_args(add_arguments(argparse.ArgumentParser()))
+    return parser.parse_args(["--input", str(src), "--text-fields", "prompt,response", "--output", str(out),
+                              "--benchmarks", "gsm8k", *extra])
+
+
+def test_standalone_command_writes_delta_tables_that_glan_sql_reads(spark, tmp_path, capsys):
+    from deltalake import DeltaTable
+
+    from jobs.common.cli import main as glan
+
     spec_items = build_benchmark_items(spark, _cfg("decontam.benchmarks=[gsm8k]")).limit(3).collect()
     rows = [{"prompt": "Tell me about the ocean and its tides in two short sentences.", "response": "Tides."},
             {"prompt": spec_items[0]["text"], "response": "copied"},
             {"prompt": "What is 2 + 2?", "response": "4"}]
     src = tmp_path / "data.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = argparse.Namespace(input=str(src), text_fields="prompt,response", output=str(tmp_path / "out"),
-                              benchmarks="gsm8k", id_field=None, near_dup=False, conf=[],
-                              sets=[f"decontam.benchmarks_dir={SHARED / 'benchmarks'}"])
-    report = run(args)
-    clean = spark.read.parquet(str(tmp_path / "out" / "instructions")).toPandas()
-    found = spark.read.parquet(str(tmp_path / "out" / "contamination")).toPandas()
+    out = tmp_path / "out"
+    report = run(_standalone_args(src, out))  # the benchmarks: the tests' shared copy (conftest)
+    clean = DeltaTable(str(out / "instructions")).to_pandas()
+    found = DeltaTable(str(out / "contamination")).to_pandas()
     assert sorted(clean.columns) == ["prompt", "response"]
     assert len(clean) == 2 and spec_items[0]["text"] not in set(clean["prompt"])
     assert set(found["benchmark"]) == {"gsm8k"} and set(found["field"]) == {"prompt"}
     assert "gsm8k" in report and "removed: 1" in report
-    assert list((tmp_path / "out" / "_scratch").iterdir()) == []  # the staged benchmark file is gone
+    assert list((out / "_scratch").iterdir()) == []  # the staged benchmark file is gone
+    capsys.readouterr()
+    assert glan(["sql", "--set", f"run_root={out}", "--format", "json",
+                 "SELECT count(*) AS n, min(prompt) AS first FROM instructions"]) == 0
+    answer = capsys.readouterr().out
+    assert '"n": 2' in answer and '"first": "Tell me about the ocean' in answer
+    assert glan(["sql", "--set", f"run_root={out}", "--format", "json",
+                 "SELECT count(*) AS n FROM contamination"]) == 0
+    assert f'"n": {len(found)}' in capsys.readouterr().out
+    run(_standalone_args(src, out, "--benchmarks", "humaneval"))  # a rerun replaces the tables
+    assert len(DeltaTable(str(out / "instructions")).to_pandas()) == 3
+
+
+GOOD = json.dumps({"prompt": "What is the capital of France?", "response": "Paris."})
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([GOOD, '{"prompt": "unterminated', GOOD], r"line 2 is not valid JSON \(Unterminated string"),
+    ([GOOD, "", GOOD, json.dumps({"prompt": "no answer"})], r"line 4 has no field 'response'"),
+    ([GOOD, json.dumps({"prompt": None, "response": "x"})], r"line 2 has no field 'prompt'"),
+    ([json.dumps({"question": "q", "answer": "a"})], r"line 1 has no field 'prompt'"),
+    (["[1, 2]", GOOD], r"line 1 is not a JSON object"),
+])
+def test_bad_input_records_stop_the_run_with_file_line_and_field(spark, tmp_path, capsys, lines, message):
+    from jobs.common.cli import main as glan
+
+    src = tmp_path / "data.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"^{src}: {message}"):
+        run(_standalone_args(src, out))
+    assert not out.exists()  # nothing written
+    capsys.readouterr()
+    assert glan(["decontaminate", "--input", str(src), "--text-fields", "prompt,response",
+                 "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"glan: error: {src}: line ")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_an_empty_input_says_it_is_empty(spark, tmp_path, content):
+    src = tmp_path / "empty.jsonl"
+    src.write_text(content)
+    with pytest.raises(InputError, match=rf"^{src}: the input is empty \(no records\)$"):
+        run(_standalone_args(src, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("how", [["--skip-bad-records"], ["--set", "decontam.skip_bad_records=true"]])
+def test_bad_records_can_be_skipped_and_counted(spark, tmp_path, how):
+    from deltalake import DeltaTable
+
+    src = tmp_path / "data.jsonl"
+    src.write_text("\n".join([GOOD, '{"prompt": "broken', json.dumps({"prompt": "only a prompt"}),
+                              json.dumps({"prompt": "2 + 2?", "response": "4"})]) + "\n")
+    report = run(_standalone_args(src, tmp_path / "out", *how))
+    assert report.startswith("skipped 2 bad input records: 1 not valid JSON, 1 without 'response'\n"
+                             "pairs in: 2, clean: 2, removed: 0")
+    clean = DeltaTable(str(tmp_path / "out" / "instructions")).to_pandas()
+    assert sorted(clean["prompt"]) == ["2 + 2?", "What is the capital of France?"]
+    assert "_corrupt_record" not in clean.columns
 
 
 def test_staged_benchmark_items_are_read_from_a_file_not_shipped_in_tasks(spark, tmp_path):

@@ -114,6 +114,7 @@ class DecontamConfig:
     id_field: str = "pair_id"
     excerpt_chars: int = 200
     max_items_per_pair: int = 3  # contamination rows per (pair, field, benchmark, detector): the best
+    skip_bad_records: bool = False  # `glan decontaminate`: drop and count malformed or incomplete input records
     ngram: NgramConfig = field(default_factory=NgramConfig)
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
     near_dup: NearDupConfig = field(default_factory=NearDupConfig)
