@@ -75,3 +75,31 @@ def test_a_missing_template_variable_fails_on_its_rows_only(spark, fake_llm):
     (row,) = df.select(ask("subject").alias("r")).collect()
     assert row["r"]["error_class"] == "prompt_error" and "topic" in row["r"]["error_message"]
     assert fake_llm.count() == 0
+
+
+def test_intents_are_noted_before_any_request_and_notes_never_reach_the_prompt(spark, fake_llm, tmp_path):
+    df = spark.createDataFrame([("k1", "d1", "[t1]"), ("k2", "d2", "[t2]")], "key STRING, discipline_id STRING, topic STRING")
+    noted = tmp_path / "intents.jsonl"
+    path = str(noted)
+
+    def note_intents(rows):  # a local function: shipped to the tasks by value
+        import time
+
+        with open(path, "a") as sink:
+            for row in rows:
+                sink.write(json.dumps({**row, "at": time.time()}) + "\n")
+
+    ask = llm_udf(load_prompt("echo_topic", TEST_PROMPTS), llm_for(fake_llm), StageLLMConfig(model="m"),
+                  intents=note_intents)
+    rows = df.select(ask("topic", note=["key", "discipline_id"]).alias("r")).collect()
+    assert all(r["r"]["error_class"] is None for r in rows)
+    intents = [json.loads(line) for line in noted.read_text().splitlines()]
+    assert sorted((i["key"], i["discipline_id"], i["model"], i["prompt_name"]) for i in intents) == [
+        ("k1", "d1", "m", "echo_topic"), ("k2", "d2", "m", "echo_topic")]
+    sent = {r.text: r for r in fake_llm.requests}
+    for intent in intents:
+        request = next(r for text, r in sent.items() if f"[t{intent['key'][1]}]" in text)
+        assert intent["at"] <= request.received_at  # written before the request left
+        messages = request.body["messages"]
+        assert intent["prompt_tokens"] == sum(len(m["content"]) for m in messages) // 4 + 8 * len(messages)  # estimated
+        assert "k1" not in request.text and "d1" not in request.text  # notes are no template variables

@@ -268,9 +268,14 @@ def _response_format(llm: LLMConfig, name: str, schema: dict[str, Any]) -> dict[
     return {"type": "json_schema", "json_schema": {"name": safe, "schema": schema, "strict": False}}
 
 
+def estimate_prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
+    """About 4 characters per token, plus a few per message: an estimate for before the endpoint counts."""
+    return sum(len(m.get("content") or "") for m in messages) // 4 + 8 * len(messages)
+
+
 def _estimate_tokens(messages: Sequence[dict[str, str]], max_tokens: int) -> int:
-    # OpenAI counts max_tokens against the TPM limit up front; prompt tokens are about 4 chars each.
-    return sum(len(m.get("content") or "") for m in messages) // 4 + 8 * len(messages) + max_tokens
+    # OpenAI counts max_tokens against the TPM limit up front.
+    return estimate_prompt_tokens(messages) + max_tokens
 
 
 class LLMClient:

@@ -7,6 +7,10 @@
 The columns given to the returned function become the template's variables (by column name, so
 alias expressions). The result column is an LLM_RESULT struct; a failed row has `error_class` set
 and never fails the batch.
+
+With `intents`, each batch first hands what it is about to ask to that function (one dict per row
+that will be sent: the `note` columns, model, prompt and an estimate of its prompt tokens), before
+any request leaves: a task killed mid-call leaves a trace of the calls it may have paid for.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pyspark.sql.types import (
     StructType,
 )
 
-from udfs.client import RESULT_FIELDS, CallSpec, LLMClient, LLMRequest
+from udfs.client import RESULT_FIELDS, CallSpec, LLMClient, LLMRequest, estimate_prompt_tokens
 from udfs.llm_config import LLMConfig, StageLLMConfig
 from udfs.prompts import Prompt, load_prompt
 from udfs.schemas import schema_for
@@ -56,6 +60,7 @@ LLM_RESULT = StructType([
 assert tuple(LLM_RESULT.fieldNames()) == RESULT_FIELDS
 
 SEED_FIELD = "_seed"
+NOTE_PREFIX = "_note_"  # columns carried to `intents`, not to the template
 _FROM_REGISTRY: Any = object()
 
 
@@ -92,6 +97,21 @@ def build_requests(prompt: Prompt, records: list[dict[str, Any]]) -> list[LLMReq
     return requests
 
 
+def take_notes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Remove the `note` columns from each record (they are no template variables) and return them."""
+    names = [name for name in (records[0] if records else {}) if name.startswith(NOTE_PREFIX)]
+    return [{name[len(NOTE_PREFIX):]: record.pop(name) for name in names} for record in records]
+
+
+def intents_of(spec: CallSpec, notes: list[dict[str, Any]],
+               requests: list[LLMRequest | BaseException]) -> list[dict[str, Any]]:
+    """What a batch is about to ask, one dict per request that will be sent (a row whose prompt
+    failed to render sends nothing). Prompt tokens are estimated: the endpoint has not counted yet."""
+    return [{**note, "model": spec.stage.model, "prompt_name": spec.prompt.name,
+             "prompt_version": spec.prompt.version, "prompt_tokens": estimate_prompt_tokens(request.messages)}
+            for note, request in zip(notes, requests) if isinstance(request, LLMRequest)]
+
+
 def _pick(urls: list[str]) -> str | None:
     """This task's endpoint among several: round-robin by partition id."""
     if not urls:
@@ -110,14 +130,17 @@ def llm_udf(
     schema: dict[str, Any] | None = _FROM_REGISTRY,
     concurrent_tasks: int = 1,
     base_url: str | Sequence[str] | None = None,
+    intents: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> Callable[..., Column]:
-    """A function `(*columns, seed=None) -> Column` that calls the LLM once per row.
+    """A function `(*columns, seed=None, note=()) -> Column` that calls the LLM once per row.
 
     `prompt` is a Prompt or the name of `prompts/<name>.j2`; `schema` defaults to the call's entry
     in udfs/schemas.py (None: free text). Templates and schema are read here, on the driver, and
     shipped in the closure; the API key is not (the client reads it inside the task).
     `base_url` overrides llm.base_url: the embedded endpoint's address, or a list of addresses
-    (several embedded servers), one per task by partition id.
+    (several embedded servers), one per task by partition id. `intents` (shipped to the tasks, so
+    picklable) gets each batch's `intents_of` before its first request is sent, with the columns
+    named in `note`.
     """
     template = prompt if isinstance(prompt, Prompt) else load_prompt(prompt)
     if schema is _FROM_REGISTRY:
@@ -136,17 +159,22 @@ def llm_udf(
         client = LLMClient(llm, concurrent_tasks=tasks, base_url=_pick(urls))
         try:
             for batch in batches:
-                requests = build_requests(spec.prompt, batch.to_dict("records"))
+                records = batch.to_dict("records")
+                notes = take_notes(records)
+                requests = build_requests(spec.prompt, records)
+                if intents is not None:
+                    intents(intents_of(spec, notes, requests))
                 yield results_frame(client.run(spec, requests))
         finally:
             client.close()
 
-    def apply(*columns: str | Column, seed: str | Column | None = None) -> Column:
+    def apply(*columns: str | Column, seed: str | Column | None = None, note: Sequence[str] = ()) -> Column:
         if not columns:
             raise ValueError(f"llm_udf({template.name!r}) needs at least one input column")
         fields = [F.col(c) if isinstance(c, str) else c for c in columns]
         if seed is not None:
             fields.append((F.col(seed) if isinstance(seed, str) else seed).cast("long").alias(SEED_FIELD))
+        fields.extend(F.col(name).alias(NOTE_PREFIX + name) for name in note)
         return call_llm(F.struct(*fields))
 
     return apply
