@@ -57,9 +57,9 @@ def exited_pid() -> int:
     return int(finished.stdout)
 
 
-def dead_run(spark, cfg, name="dead-run") -> Spool:
+def dead_run(spark, cfg, name="dead-run", stage="test", output="t_answers") -> Spool:
     """The spool of another run that is gone: a process on this host that no longer exists."""
-    spool = Spool(spark, cfg, "test", "t_answers", run_id=name)
+    spool = Spool(spark, cfg, stage, output, run_id=name)
     spool._ensure_open()
     _HEARTBEAT.discard(spool.uri)  # its heart stopped
     owner = json.loads(Path(spool.uri, OWNER).read_text())

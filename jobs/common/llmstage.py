@@ -7,7 +7,9 @@ split into chunks of about `pipeline.commit_every_rows` rows; each chunk is one 
 tasks write their results to the step's spool (`jobs.common.spool`) as soon as their calls are
 done; the driver then commits the chunk from the spool to the output table and `failures`. A
 killed run loses only the calls in flight: the rerun first commits what the spool holds, then asks
-for the rest.
+for the rest. Each task batch notes its calls in the spool before sending them, so the calls in
+flight at a kill (or in a task attempt Spark retried) go to `failed_calls` as `in_flight`, with
+estimated prompt tokens: paid for, maybe, and counted by `glan cost`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from jobs.common.config import GlanConfig
 from jobs.common.storage import append_missing, get_storage, overwrite
-from jobs.common.spool import Spool
+from jobs.common.spool import IN_FLIGHT, Spool
 from jobs.common.tables import FAILURES
 from udfs.llm_config import StageLLMConfig
 from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf
@@ -151,6 +154,11 @@ def run_llm_step(
     spool.claim(ids)  # a live run of this step on any of these disciplines stops this one here
     try:
         for orphan in spool.orphans():
+            lost = spool.orphan_unanswered(orphan)
+            if lost is not None:  # sent when the run died, answers never spooled: on record before the intents go
+                _record_in_flight(spark, lost, stage, stage_llm, cfg)
+                log.warning("%s: %d LLM calls were in flight when a run stopped (%s); recorded in failed_calls "
+                            "as possibly paid, their rows are asked again", stage, lost.num_rows, orphan.uri)
             if not orphan.files:  # it died before any task finished
                 spool.keep_only(orphan, None)
                 continue
@@ -208,13 +216,18 @@ def _run_chunks(todo: DataFrame, rows: int, spool: Spool, commit: Callable[[Data
         part = plan_partitions(chunked.filter(F.col(_CHUNK) == index).drop(_CHUNK), key, cfg)
         if sort_within:
             part = part.sortWithinPartitions(*sort_within)  # e.g. one subject's questions together
+        intents = spool.intents(key)
         ask = llm_udf(prompt, cfg.llm, stage_llm, concurrent_tasks=concurrent_tasks(part),
-                      base_url=list(cfg.llm.base_urls) or cfg.llm.base_url, **kwargs)
-        # The LLM is called here and nowhere else: each task spools its results as they come;
-        # both writes below read the spool, and the files go only once both are committed.
-        files = spool.write(part.withColumn(RESULT, ask(*inputs, seed=seed)).select(*spooled_schema.fieldNames()))
+                      base_url=list(cfg.llm.base_urls) or cfg.llm.base_url, intents=intents, **kwargs)
+        # The LLM is called here and nowhere else: each task notes its calls, then spools their results
+        # as they come; both writes below read the spool, and the files go only once both are committed.
+        called = part.withColumn(RESULT, ask(*inputs, seed=seed, note=list(dict.fromkeys([key, "discipline_id"]))))
+        files = spool.write(called.select(*spooled_schema.fieldNames()), intents)
         commit(spool.read(files, spooled_schema, key, _is_failure(F.col(RESULT))))
-        spool.remove(files)
+        retried = spool.unanswered(intents, files)
+        if retried is not None:  # task attempts that sent calls and died before spooling; Spark ran them again
+            _record_in_flight(spark, retried, stage, stage_llm, cfg)
+        spool.remove(files, intents=intents)
         log.info("%s: chunk %d/%d committed (%d rows so far)", stage, index + 1, chunks, result.rows_written)
 
 
@@ -227,6 +240,25 @@ def _record_failed_usage(failed: DataFrame, stage: str, key: str, stage_llm: Sta
     append_missing(failed.select(call_id.alias("call_id"), F.lit(stage).alias("stage"),
                                  F.col(key).cast("string").alias("row_key"), out["error_class"].alias("error_class"),
                                  *usage_columns(stage_llm)), "failed_calls", "call_id", cfg)
+
+
+def _record_in_flight(spark, lost: pa.Table, stage: str, stage_llm: StageLLMConfig, cfg: GlanConfig) -> None:
+    """Append to `failed_calls` the calls that were sent but whose answers never came back (rows of
+    `Spool.unanswered`): possibly paid, prompt tokens estimated, completion tokens unknown (null).
+    The id comes from the intent file, so recording the same intents again adds nothing."""
+    rows = [(r["row_key"], r["model"], r["prompt_name"], r["prompt_version"], r["prompt_tokens"], r["_intent"])
+            for r in lost.to_pylist()]
+    frame = spark.createDataFrame(rows, "row_key string, model string, prompt_name string, prompt_version string, "
+                                        "prompt_tokens long, _intent string")
+    append_missing(frame.select(
+        stable_id(F.lit(stage), "row_key", F.lit(IN_FLIGHT), "_intent").alias("call_id"),
+        F.lit(stage).alias("stage"), "row_key", F.lit(IN_FLIGHT).alias("error_class"),
+        "model", "prompt_name", "prompt_version",
+        F.lit(float(stage_llm.temperature)).alias("temperature"), F.lit(float(stage_llm.top_p)).alias("top_p"),
+        "prompt_tokens", F.lit(None).cast("long").alias("completion_tokens"),
+        F.lit(None).cast("long").alias("cached_tokens"), F.lit(None).cast("double").alias("latency_s"),
+        F.lit(1).alias("attempts"), F.current_timestamp().alias("created_at"),
+    ), "failed_calls", "call_id", cfg)
 
 
 def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: DataFrame, cfg: GlanConfig) -> int:

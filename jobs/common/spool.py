@@ -20,6 +20,15 @@ when a live run of that step has claimed any of the same disciplines first.
 
 A file appears under its final name only when complete (written under a `_`-prefixed name and
 renamed on local disks; object stores publish an object only when its upload is closed).
+
+Before a task sends a batch of calls it writes one small intent file (`intents/<write id>/`: key,
+discipline, model, prompt, estimated prompt tokens per row), named after its task attempt like the
+result files. An intent with no spooled result of the same task attempt is a call that was sent, or
+about to be, when its task died: possibly paid. `glan cost` and `glan status` count those and the
+spooled rows; the next run records them in `failed_calls` (error class `in_flight`) before the files
+go, and a run records the intents of task attempts Spark retried the same way, so no paid call is
+left out of the ledger. A batch's intent is written once it is complete, before its first request,
+so an intent cut off mid-write stands for no call.
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -50,6 +60,11 @@ log = logging.getLogger(__name__)
 
 SPOOL_DIR = "_spool"
 OWNER = "_owner.json"
+INTENTS = "intents"  # a run folder's subfolder: intents/<write id>/<task attempt>-<uuid>.parquet
+IN_FLIGHT = "in_flight"  # failed_calls.error_class of an intent without a result
+_INTENT = pa.schema([("row_key", pa.string()), ("discipline_id", pa.string()), ("model", pa.string()),
+                     ("prompt_name", pa.string()), ("prompt_version", pa.string()), ("prompt_tokens", pa.int64())])
+_KEY_META = b"glan.key"  # the name of the key column, in an intent file's schema metadata
 HEARTBEAT_S = 30.0
 RUN_ID = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # this driver process
 _FILES = T.StructType([T.StructField("path", T.StringType()), T.StructField("rows", T.LongType())])
@@ -73,33 +88,113 @@ def _split(names: list[str]) -> tuple[list[str], list[str]]:
     return [n for n in parquet if not n.startswith(("_", "."))], [n for n in parquet if n.startswith("_")]
 
 
-def _num_rows(fs: pafs.FileSystem, path: str) -> int:
-    return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+def _publish(fs: pafs.FileSystem, root: str, name: str, table: pa.Table) -> None:
+    """Write `table` as `root/name`, visible under that name only once complete."""
+    local = isinstance(fs, pafs.LocalFileSystem)
+    with fs.open_output_stream(f"{root}/_{name}" if local else f"{root}/{name}") as sink:
+        pq.write_table(table, sink, compression="zstd")
+    if local:
+        fs.move(f"{root}/_{name}", f"{root}/{name}")
+
+
+def _task_attempt() -> tuple[str, str]:
+    """`part-<partition>` and `a<attempt>` of the running Spark task (0, 0 outside one)."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
+    return f"part-{part:05d}", f"a{attempt}"
+
+
+def _attempt_of(name: str) -> str:
+    """The task attempt a result or intent file comes from: its name up to the last `-`."""
+    return name.rsplit("/", 1)[-1].rsplit("-", 1)[0]
 
 
 def _writer(uri: str, write_id: str):
     """mapInArrow function: one Parquet file per batch of results, published when complete."""
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
+        part, attempt = _task_attempt()
         fs, root = arrow_filesystem(uri)
-        local = isinstance(fs, pafs.LocalFileSystem)
         for index, batch in enumerate(batches):
             if batch.num_rows == 0:
                 continue
-            name = f"part-{part:05d}-{write_id}-a{attempt}-{index:04d}.parquet"
-            target = f"{root}/{name}"
-            with fs.open_output_stream(f"{root}/_{name}" if local else target) as sink:
-                pq.write_table(pa.Table.from_batches([batch]), sink, compression="zstd")
-            if local:
-                fs.move(f"{root}/_{name}", target)
+            name = f"{part}-{write_id}-{attempt}-{index:04d}.parquet"
+            _publish(fs, root, name, pa.Table.from_batches([batch]))
             yield pa.RecordBatch.from_pydict({"path": [name], "rows": [batch.num_rows]},
                                              schema=to_arrow_schema(_FILES))
 
     return write
+
+
+@dataclass(frozen=True)
+class IntentLog:
+    """`llm_udf(intents=...)` for one spool write: each task batch notes the calls it is about to send
+    in one file, named after its task attempt like the result files (shipped to the tasks)."""
+
+    uri: str  # <run folder>/intents/<write id>
+    write_id: str
+    key: str
+
+    def __call__(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        part, attempt = _task_attempt()
+
+        def text(value: Any) -> str | None:
+            return value if isinstance(value, str) else None  # pandas gives NaN for a null string
+
+        table = pa.Table.from_pylist(
+            [{"row_key": str(r[self.key]), "discipline_id": text(r.get("discipline_id")), "model": r["model"],
+              "prompt_name": r["prompt_name"], "prompt_version": r["prompt_version"],
+              "prompt_tokens": int(r["prompt_tokens"])} for r in rows],
+            schema=_INTENT.with_metadata({_KEY_META: self.key.encode()}))
+        fs, root = arrow_filesystem(self.uri)
+        _publish(fs, root, f"{part}-{self.write_id}-{attempt}-{uuid.uuid4().hex[:8]}.parquet", table)
+
+
+def _intent_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """A run folder's complete intent files, as `intents/<write id>/<name>`."""
+    selector = pafs.FileSelector(f"{folder}/{INTENTS}", allow_not_found=True, recursive=True)
+    found = [info.path for info in fs.get_file_info(selector) if info.type == pafs.FileType.File]
+    names = [path[len(folder) + 1:] for path in found if path.endswith(".parquet")]
+    return sorted(n for n in names if not n.rsplit("/", 1)[-1].startswith(("_", ".")))
+
+
+def _unanswered(fs: pafs.FileSystem, folder: str, results: Sequence[str], intents: Sequence[str],
+                *, attempts_finished: bool = False) -> pa.Table | None:
+    """The intent rows no result file of the same task attempt holds: calls sent (or about to be)
+    whose answers were never spooled, with the intent file's path in `_intent`.
+
+    `attempts_finished`: every task attempt that spooled anything spooled all its rows (a job that
+    completed), so only the intents of attempts without results are read."""
+    by_attempt: dict[str, list[str]] = {}
+    for name in results:
+        by_attempt.setdefault(_attempt_of(name), []).append(name)
+    lost = []
+    for path in intents:
+        answered = by_attempt.get(_attempt_of(path))
+        if answered and attempts_finished:
+            continue
+        try:
+            table = pq.read_table(fs.open_input_file(f"{folder}/{path}"))
+        except (OSError, pa.ArrowInvalid):  # gone since the listing, or unreadable: nothing was sent for it
+            continue
+        if answered:
+            key = (table.schema.metadata or {}).get(_KEY_META, b"").decode()
+            keys = set()
+            for name in answered:
+                try:
+                    keys.update(str(k) for k in pq.read_table(fs.open_input_file(f"{folder}/{name}"),
+                                                              columns=[key]).column(0).to_pylist())
+                except (OSError, pa.ArrowInvalid, KeyError):
+                    continue
+            table = table.filter(pa.array([k not in keys for k in table.column("row_key").to_pylist()], pa.bool_()))
+        if table.num_rows:
+            lost.append(table.replace_schema_metadata(None).append_column(
+                "_intent", pa.array([path] * table.num_rows, pa.string())))
+    return pa.concat_tables(lost) if lost else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,11 +283,12 @@ def _shared(mine: list[str] | None, theirs: list[str] | None) -> str:
 
 @dataclass
 class Orphan:
-    """The folder of a dead run: its complete files and the ones it was still writing."""
+    """The folder of a dead run: its complete files, the ones it was still writing, and its intents."""
 
     uri: str
     files: list[str]
     partial: list[str]
+    intents: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,11 +343,31 @@ class Spool:
                 f"(a run whose host is lost counts as gone after pipeline.spool_stale_after_s="
                 f"{self.stale_after_s:g} s without a heartbeat; runs on other --disciplines may go on at once)")
 
-    def write(self, called: DataFrame) -> list[str]:
-        """Run the job that computes `called` (the LLM calls) and spool its rows; the file names."""
+    def intents(self, key: str) -> IntentLog:
+        """A new write's intent log, for `llm_udf(intents=...)`; hand it to `write` with the calls."""
         self._ensure_open()
-        meta = called.mapInArrow(_writer(self.uri, uuid.uuid4().hex[:12]), _FILES).collect()
+        write_id = uuid.uuid4().hex[:12]
+        self.fs.create_dir(f"{self.root}/{INTENTS}/{write_id}", recursive=True)
+        return IntentLog(f"{self.uri}/{INTENTS}/{write_id}", write_id, key)
+
+    def write(self, called: DataFrame, intents: IntentLog | None = None) -> list[str]:
+        """Run the job that computes `called` (the LLM calls) and spool its rows; the file names.
+        `intents`: the log the calls of `called` write to, so that both name the same write."""
+        self._ensure_open()
+        write_id = intents.write_id if intents is not None else uuid.uuid4().hex[:12]
+        meta = called.mapInArrow(_writer(self.uri, write_id), _FILES).collect()
         return [row["path"] for row in meta]
+
+    def unanswered(self, intents: IntentLog, files: list[str]) -> pa.Table | None:
+        """After `write` returned `files`: the calls of task attempts that spooled nothing (attempts
+        Spark retried after they had sent their calls)."""
+        names = [n for n in _intent_files(self.fs, self.root) if n.startswith(f"{INTENTS}/{intents.write_id}/")]
+        return _unanswered(self.fs, self.root, files, names, attempts_finished=True)
+
+    def orphan_unanswered(self, orphan: Orphan) -> pa.Table | None:
+        """The calls a dead run sent whose answers it never spooled."""
+        fs, root = arrow_filesystem(orphan.uri)
+        return _unanswered(fs, root, orphan.files, orphan.intents)
 
     def read(self, names: list[str], schema: T.StructType, key: str, failed: Column,
              folder: str | None = None) -> DataFrame:
@@ -272,19 +388,21 @@ class Spool:
                 .withColumn("_spool_rank", F.row_number().over(best))
                 .filter(F.col("_spool_rank") == 1).drop("_spool_rank", "_spool_file"))
 
-    def remove(self, names: list[str], folder: str | None = None) -> None:
-        """Forget files whose rows are committed."""
+    def remove(self, names: list[str], folder: str | None = None, intents: IntentLog | None = None) -> None:
+        """Forget files whose rows are committed, and the intents of their write."""
         fs, root = arrow_filesystem(folder or self.uri)
         for name in names:
             try:
                 fs.delete_file(f"{root}/{name}")
             except FileNotFoundError:
                 pass
+        if intents is not None:
+            _delete_dir(fs, f"{root}/{INTENTS}/{intents.write_id}")
 
     def close(self) -> None:
         """The step is done: stop the heartbeat and remove this run's folder if nothing is left in it."""
         _HEARTBEAT.discard(self.uri)
-        if self._open and not any(_split(_list(self.fs, self.root))):
+        if self._open and not any(_split(_list(self.fs, self.root))) and not _intent_files(self.fs, self.root):
             self.fs.delete_dir(self.root)
         self._open = False
 
@@ -294,52 +412,103 @@ class Spool:
         for run_id, root, names in _run_folders(self.fs, self._base_root):
             uri = f"{self.base}/{run_id}"
             files, partial = _split(names)
+            intents = _intent_files(self.fs, root)
             if run_id == self.run_id:  # an earlier step of this process that stopped on an error
-                if files or partial:
-                    found.append(Orphan(uri, files, partial))
+                if files or partial or intents:
+                    found.append(Orphan(uri, files, partial, intents))
                 continue
             owner = _read_owner(self.fs, root)
             if not owner_is_dead(owner, self.stale_after_s):
                 log.warning("spool %s belongs to a run still alive (host %s, pid %s); leaving it to that run",
                             uri, owner.get("host"), owner.get("pid"))
                 continue
-            found.append(Orphan(uri, files, partial))
+            found.append(Orphan(uri, files, partial, intents))
         return found
 
     def keep_only(self, orphan: Orphan, frame: DataFrame | None) -> None:
-        """Replace an orphan's files by `frame` (rows of other discipline slices, left for their runs);
-        drop the folder when nothing is left."""
+        """Replace an orphan's files by `frame` (rows of other discipline slices, left for their runs)
+        and drop its intents (record `orphan_unanswered` first); drop the folder when nothing is left."""
         fs, root = arrow_filesystem(orphan.uri)
         table = frame.toArrow() if frame is not None else None  # read before the files it comes from go
         if table is not None and table.num_rows:
-            name = f"part-kept-{uuid.uuid4().hex[:12]}.parquet"
-            with fs.open_output_stream(f"{root}/_{name}") as sink:
-                pq.write_table(table, sink, compression="zstd")
-            fs.move(f"{root}/_{name}", f"{root}/{name}")
+            _publish(fs, root, f"part-kept-{uuid.uuid4().hex[:12]}.parquet", table)
         self.remove(orphan.files + orphan.partial, orphan.uri)
+        _delete_dir(fs, f"{root}/{INTENTS}")
         if table is None or not table.num_rows:
-            try:
-                fs.delete_dir(root)
-            except FileNotFoundError:
-                pass
+            _delete_dir(fs, root)
 
 
-def spool_by_stage(cfg: GlanConfig) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """Per stage: rows paid for and spooled but not committed yet (the next run commits them), and
-    the live runs working on it now, as `host:pid`."""
+def _delete_dir(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+
+
+@dataclass
+class SpoolState:
+    """What the spool folders of a run root hold now, per stage (see `spool_state`)."""
+
+    spooled: dict[str, int]  # rows paid for and spooled, not committed yet (the next run commits them)
+    running: dict[str, list[str]]  # live runs as `host:pid`
+    usage: list[dict[str, Any]]  # per stage, kind (`spooled` | `in flight`) and model: calls and tokens
+
+
+def spool_state(cfg: GlanConfig, disciplines: Collection[str] | None = None) -> SpoolState:
+    """The spooled rows and in-flight intents of every step, limited to `disciplines` (ids; None: all),
+    and the live runs. Read on the driver with pyarrow: the spool holds at most a chunk per run.
+
+    A run killed between committing a chunk and removing its files shows those rows as spooled
+    too until the next run of the stage clears them."""
     fs, root = arrow_filesystem(cfg.table_uri(SPOOL_DIR))
     stale_after_s = float(cfg.pipeline.spool_stale_after_s)
-    spooled: dict[str, int] = {}
-    running: dict[str, list[str]] = {}
+    state = SpoolState({}, {}, [])
+    sums: dict[tuple[str, str, str | None], dict[str, int]] = {}
+
+    def add(stage: str, kind: str, table: pa.Table, usage: pa.Table) -> None:
+        if "discipline_id" in table.column_names and disciplines is not None:
+            keep = pa.array([d in disciplines for d in table.column("discipline_id").to_pylist()], pa.bool_())
+            usage = usage.filter(keep)
+        elif disciplines is not None:
+            usage = usage.slice(0, 0)
+        for row in usage.to_pylist():
+            total = sums.setdefault((stage, kind, row["model"]), {"calls": 0, "prompt_tokens": 0,
+                                                                  "cached_tokens": 0, "completion_tokens": 0})
+            total["calls"] += 1
+            for name in ("prompt_tokens", "cached_tokens", "completion_tokens"):
+                total[name] += row.get(name) or 0
+        if kind == "spooled":
+            state.spooled[stage] = state.spooled.get(stage, 0) + usage.num_rows
+
     for step in _list(fs, root, pafs.FileType.Directory):
         stage = step.split(".", 1)[0]
+        state.spooled.setdefault(stage, 0)
         for _, folder, names in _run_folders(fs, f"{root}/{step}"):
             files, _ = _split(names)
-            spooled[stage] = spooled.get(stage, 0) + sum(_num_rows(fs, f"{folder}/{name}") for name in files)
+            for name in files:
+                try:
+                    table = pq.read_table(fs.open_input_file(f"{folder}/{name}"))
+                except (OSError, pa.ArrowInvalid):  # committed and removed since the listing
+                    continue
+                out = table.column("_out").combine_chunks()
+                add(stage, "spooled", table, pa.table({name: out.field(name) for name in
+                                                       ("model", "prompt_tokens", "cached_tokens", "completion_tokens")}))
+            lost = _unanswered(fs, folder, files, _intent_files(fs, folder))
+            if lost is not None:
+                add(stage, "in flight", lost, lost.select(["model", "prompt_tokens"]))
             owner = _read_owner(fs, folder)
             if not owner_is_dead(owner, stale_after_s):
-                runs = running.setdefault(stage, [])
+                runs = state.running.setdefault(stage, [])
                 where = f"{owner.get('host')}:{owner.get('pid')}"
                 if where not in runs:  # one run, two steps of a stage (e.g. syllabus and its extraction)
                     runs.append(where)
-    return spooled, running
+    state.usage = [{"stage": stage, "table": kind, "model": model, **total}
+                   for (stage, kind, model), total in sums.items()]
+    state.spooled = {stage: n for stage, n in state.spooled.items() if n}
+    return state
+
+
+def spool_by_stage(cfg: GlanConfig) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Per stage: rows paid for and spooled but not committed yet, and the live runs (`host:pid`)."""
+    state = spool_state(cfg)
+    return state.spooled, state.running
