@@ -2,12 +2,21 @@
 
 `spooled` counts calls an interrupted run paid for but did not commit: the next run commits them
 without asking again (they are still counted in `to_do`). `running` names the live runs (host:pid)
-working on a stage right now."""
+working on a stage right now. Tokens and cost are those of `glan cost`: committed, failed, spooled
+and in-flight calls (the last with estimated prompt tokens). `--disciplines "A,B"` (else
+taxonomy.disciplines) limits every figure to those disciplines.
+
+`table_health` checks a table's Delta log against its files: the row count the log records, and how
+many files the log lists that are gone."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from urllib.parse import unquote
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -20,17 +29,19 @@ def _todo(done: DataFrame, wanted: DataFrame, key: str) -> int:
     return wanted.select(key).distinct().join(done.select(key), key, "left_anti").count()
 
 
-def stage_status(spark, cfg: GlanConfig) -> list[dict]:
-    """Rows done and to do per stage, over the disciplines this config selects."""
-    from jobs.common.costs import load_prices, priced, usage_by_stage
+def stage_status(spark, cfg: GlanConfig, disciplines: Sequence[str] | None = None) -> list[dict]:
+    """Rows done and to do, failures, spooled rows, tokens and cost per stage, over `disciplines`
+    (names), else the disciplines this config selects."""
+    from jobs.common.costs import discipline_scope, load_prices, priced, usage_by_stage
     from jobs.common.llmstage import selected_disciplines, stable_id
-    from jobs.common.spool import spool_by_stage
+    from jobs.common.spool import spool_state
     from jobs.common.storage import get_storage
     from jobs.subjects import list_requests
 
     storage = get_storage(spark, cfg)
     read = storage.read_or_empty
-    chosen = selected_disciplines(spark, cfg, None)
+    chosen = selected_disciplines(spark, cfg, disciplines)
+    scope = discipline_scope(spark, cfg, disciplines)
     ids = chosen.select("discipline_id")
 
     def mine(name: str) -> DataFrame:
@@ -42,7 +53,7 @@ def stage_status(spark, cfg: GlanConfig) -> list[dict]:
     combos = mine("concept_combinations")
     questions = mine("questions")
     plan = [
-        ("taxonomy", read("taxonomy").count(), 0),
+        ("taxonomy", chosen.count(), 0),
         ("subjects", mine("subject_conversions").count(),
          _todo(mine("subject_conversions"), lists, "list_id")),
         ("syllabus", mine("session_lists").count(),
@@ -55,11 +66,14 @@ def stage_status(spark, cfg: GlanConfig) -> list[dict]:
     ]
     failures = {}
     if storage.exists("failures"):
-        failures = {r["stage"]: r["n"] for r in storage.read("failures").groupBy("stage")
-                    .agg(F.count("*").alias("n")).collect()}
-    spooled, running = spool_by_stage(cfg)
+        failed = storage.read("failures")
+        if scope is not None:
+            failed = failed.join(scope.calls, ["stage", "row_key"], "left_semi")
+        failures = {r["stage"]: r["n"] for r in failed.groupBy("stage").agg(F.count("*").alias("n")).collect()}
+    spool = spool_state(cfg, None if scope is None else scope.ids)
+    spooled, running = spool.spooled, spool.running
     prices, _ = load_prices()
-    usage = priced(usage_by_stage(spark, cfg), prices)
+    usage = priced(usage_by_stage(spark, cfg, scope, spool), prices)
     rows = []
     for stage, done, todo in plan:
         mine_usage = [u for u in usage if u["stage"] == stage]
@@ -72,14 +86,37 @@ def stage_status(spark, cfg: GlanConfig) -> list[dict]:
     return rows
 
 
+def table_health(storage, name: str) -> tuple[int, int]:
+    """(rows, missing files) of a table: the rows its Delta log records (add actions' numRecords,
+    cheap on any size) and how many data files the log lists that do not exist (one existence check
+    per file), which the count still includes. Files are looked up with pyarrow, for either backend."""
+    from deltalake import DeltaTable
+
+    from jobs.common.spark import arrow_filesystem
+
+    uri = storage.uri(name)
+    actions = pa.table(DeltaTable(uri).get_add_actions(flatten=True)).select(["path", "num_records"]).to_pydict()
+    rows = sum(n or 0 for n in actions["num_records"])
+    fs, root = arrow_filesystem(uri)
+    missing = 0
+    for path in actions["path"]:
+        file_fs, file = (arrow_filesystem(path) if "://" in path  # an absolute URI (a shallow clone's files)
+                         else (fs, f"{root.rstrip('/')}/{unquote(path)}"))
+        missing += file_fs.get_file_info(file).type == pafs.FileType.NotFound
+    return rows, missing
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobs.common.cli import _spark_for, print_rows
+    from jobs.common.costs import split_names
 
     parser = add_config_args(argparse.ArgumentParser(prog="glan status", description=__doc__.splitlines()[0]))
+    parser.add_argument("--disciplines", default=None, metavar="A,B",
+                        help="only these disciplines (names, comma-separated; default: taxonomy.disciplines, else all)")
     parser.add_argument("--format", choices=["text", "csv", "json"], default="text")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    rows = stage_status(_spark_for(cfg, "glan-status"), cfg)
+    rows = stage_status(_spark_for(cfg, "glan-status"), cfg, split_names(args.disciplines))
     columns = ["stage", "done", "to_do", "spooled", "failures", "tokens", "usd", "running"]
     print_rows(columns, [[r[c] for c in columns] for r in rows], args.format)
     return 0
