@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from jobs.common.benchmarks import RECIPES, fetch_all, resolve_benchmarks_dir, stderr_progress
+from jobs.common.jobargs import add_config_args, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -23,16 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    from jobs.common.jobargs import config_from_args
-
     dest = args.dest or resolve_benchmarks_dir(config_from_args(args).decontam.benchmarks_dir)[0]
     names = [n for n in args.names.split(",") if n]
     return fetch_all(Path(dest).expanduser(), names, progress=stderr_progress)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jobs.common.jobargs import add_config_args
-
     parser = argparse.ArgumentParser(prog="glan benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
     add_config_args(add_arguments(sub.add_parser("fetch", help="download and extract the default benchmark files")))

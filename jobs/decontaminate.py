@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
+import io
+import json
 import logging
 import sys
 import time
@@ -27,6 +30,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -36,6 +40,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.window import Window
 
 from jobs.common import textsim
@@ -43,6 +48,8 @@ from jobs.common.benchmarks import benchmark_rows, ensure_benchmark_files, load_
 from jobs.common.decontam_config import DecontamConfig, MinHashConfig, NearDupConfig, NgramConfig
 from jobs.common.errors import InputError
 from jobs.common.spark import arrow_filesystem
+from jobs.common.storage import Storage, get_storage
+from jobs.common.tables import spec_for
 
 log = logging.getLogger(__name__)
 
@@ -530,10 +537,6 @@ class InputCheck:
 
 def _open_text_lines(uri: str) -> Iterator[str]:
     """The lines of a (gzipped) text file Spark read, on the driver."""
-    import gzip
-    import io
-    from urllib.parse import unquote
-
     fs, local = arrow_filesystem(unquote(uri))
     with fs.open_input_stream(local) as raw:
         stream = gzip.open(raw) if uri.endswith(".gz") else raw
@@ -543,8 +546,6 @@ def _open_text_lines(uri: str) -> Iterator[str]:
 def first_bad_line(lines: Iterator[str], fields: Sequence[str]) -> tuple[int, str] | None:
     """(line number from 1, what is wrong) of the first non-blank line that is not a JSON object
     holding every field with a value; None when all are good."""
-    import json
-
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -587,8 +588,6 @@ def check_input(data: DataFrame, path: str, fields: Sequence[str], *, skip: bool
 
 
 def _raise_bad_record(uri: str, fields: Sequence[str], check: InputCheck, absent: Sequence[str]) -> None:
-    from urllib.parse import unquote
-
     name = unquote(uri.removeprefix("file://"))
     hint = ("" if absent else "; decontam.skip_bad_records=true (--skip-bad-records) drops such records "
             "and counts them in the report")
@@ -615,21 +614,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def write_output_table(storage, df: DataFrame, name: str):
+def write_output_table(storage: Storage, df: DataFrame, name: str) -> None:
     """Replace table `name` of a standalone run with `df`, whatever its columns. The pipeline's
     schema for that name (tables.py) holds only for rows of that shape; other data keeps its own
     columns: the table is started over empty in the rows' schema, and the rows appended to it
     (storage checks an append against the table's own schema)."""
     from deltalake import DeltaTable
-    from pyspark.sql.pandas.types import to_arrow_schema
-
-    from jobs.common.tables import spec_for
 
     spec = spec_for(name)
     if spec is None or set(df.columns) == set(spec.schema.fieldNames()):
-        return storage.overwrite(df, name)
+        storage.overwrite(df, name)
+        return
     DeltaTable.create(storage.uri(name), schema=to_arrow_schema(df.schema, timezone="UTC"), mode="overwrite")
-    return storage.append_missing(df, name, ())
+    storage.append_missing(df, name, ())
 
 
 def run(args: argparse.Namespace, cfg=None) -> str:
@@ -638,7 +635,6 @@ def run(args: argparse.Namespace, cfg=None) -> str:
     report text (the CLI prints it). Nothing is written when the input is bad."""
     from jobs.common.jobargs import config_from_args
     from jobs.common.spark import get_spark
-    from jobs.common.storage import get_storage
 
     cfg = cfg or config_from_args(args)
     dc = cfg.decontam

@@ -469,7 +469,7 @@ def download_package(package: str, version: str, dest: Path,
         sha = hashlib.sha256()
         with urllib.request.urlopen(url, timeout=60) as resp, open(path, "wb") as out:
             size = int(resp.headers.get("Content-Length") or 0)
-            progress(f"downloading {filename}" + (f" ({size / 1e6:.0f} MB)" if size else ""))
+            progress(f"downloading {filename}" + (f" ({size / 1e6:.1f} MB)" if size else ""))
             while chunk := resp.read(1 << 20):
                 sha.update(chunk)
                 out.write(chunk)
