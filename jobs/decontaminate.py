@@ -113,10 +113,11 @@ def staged_benchmark_items(spark: SparkSession, cfg: DecontamConfig, scratch: st
     """`benchmark_items` read by Spark from a Parquet file the driver writes under `scratch` (a
     folder the executors can read), removed on exit. Handing Spark the rows themselves would ship
     them inside its tasks: 26 MB for the default benchmarks, and a warning on every run."""
+    table = _benchmark_table(spark, cfg)  # first: missing benchmarks leave no folder behind
     fs, root = arrow_filesystem(scratch)
     name = f"benchmark_items-{uuid.uuid4().hex[:12]}.parquet"
     fs.create_dir(root, recursive=True)
-    pq.write_table(_benchmark_table(spark, cfg), f"{root}/{name}", filesystem=fs, compression="zstd")
+    pq.write_table(table, f"{root}/{name}", filesystem=fs, compression="zstd")
     try:
         yield spark.read.schema(BENCHMARK_ITEMS_SCHEMA).parquet(f"{scratch.rstrip('/')}/{name}")
     finally:

@@ -298,3 +298,12 @@ def test_benchmark_items_follow_the_files_and_are_rewritten_only_when_they_chang
     assert _benchmark_items(spark, cfg).count() == 10  # same name, new content: rebuilt
     assert storage.info("benchmark_items").version == 1
     assert list((tmp_path / "run" / "_scratch").iterdir()) == []
+
+
+def test_missing_benchmarks_leave_the_output_folder_alone(spark, tmp_path):
+    src = tmp_path / "data.jsonl"
+    src.write_text(GOOD + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"lacks gsm8k.jsonl.gz: run `glan benchmarks fetch --dest "):
+        run(_standalone_args(src, out, "--set", f"decontam.benchmarks_dir={tmp_path / 'none'}"))
+    assert not out.exists()
