@@ -199,3 +199,13 @@ def test_a_full_disk_without_a_path_names_the_run_root_and_its_free_space(spark,
     line = capsys.readouterr().err.strip()
     assert re.fullmatch(rf"glan: error: no space left on device \(the error names no file; run root "
                         rf"{re.escape(str(tmp_path / 'run'))} [\d.]+ [KMGT]?B free, temp .+ [\d.]+ [KMGT]?B free\)", line), line
+
+
+def test_a_python_worker_error_is_its_own_last_line(spark, monkeypatch, capsys):
+    error = _worker_raises(spark, ValueError("row 7 has no question_id"))
+    monkeypatch.setattr(cli, "cmd_tables", lambda args: (_ for _ in ()).throw(error))
+    try:
+        assert cli.main(["tables"]) == 1
+    finally:
+        spark.sparkContext.setLogLevel("WARN")
+    assert capsys.readouterr().err.strip() == "glan: error: PYTHON_EXCEPTION: ValueError: row 7 has no question_id"

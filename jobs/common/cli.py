@@ -156,14 +156,16 @@ def _scala_list(seq: Any) -> list[Any]:
     return items
 
 
-def _plan_nodes(plan: Any) -> list[Any]:
-    """Every node of a JVM logical plan: children, CTE definitions and subquery expressions."""
+def _plan_nodes(plan: Any, stop_at: frozenset[str] = frozenset()) -> list[Any]:
+    """Every node of a JVM logical plan: children, CTE definitions and subquery expressions; not
+    what lies below a node named in `stop_at`."""
     nodes, todo = [], [plan]
     while todo:
         node = todo.pop()
         nodes.append(node)
-        todo.extend(_scala_list(node.children()) + _scala_list(node.innerChildren())
-                    + _scala_list(node.subqueries()))
+        if _plan_name(node) not in stop_at:
+            todo.extend(_scala_list(node.children()) + _scala_list(node.innerChildren())
+                        + _scala_list(node.subqueries()))
     return nodes
 
 
@@ -197,8 +199,10 @@ def check_read_only(spark, query: str) -> None:
 
 
 def check_no_reflection(df) -> None:
-    """Raise InputError if the analysed query calls Java through reflect(), java_method() or try_reflect()."""
-    for node in _plan_nodes(df._jdf.queryExecution().analyzed()):
+    """Raise InputError if the analysed query calls Java through reflect(), java_method() or try_reflect().
+    The views are the run's tables, which glan made, so their definitions are not searched (and a
+    wide table would cost thousands of Py4J calls)."""
+    for node in _plan_nodes(df._jdf.queryExecution().analyzed(), stop_at=frozenset({"View"})):
         todo = _scala_list(node.expressions())
         while todo:
             expr = todo.pop()
