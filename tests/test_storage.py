@@ -365,3 +365,17 @@ def test_vacuum_removes_leftovers_and_only_old_removed_files(spark, storage):
     assert storage.read("things", version=0).count() == 1       # time travel still works
     assert storage.vacuum("things", retention_hours=0) == 1
     assert len(parquet_files(storage)) == 1 and content(storage) == {("b", "1")}
+
+
+def test_a_write_whose_task_fails_leaves_no_file(spark, storage):
+    from pyspark.sql import functions as F
+
+    storage.append_missing(frame(spark, [("a", "1")]), "things", "item")
+    before = parquet_files(storage)
+    rows = (spark.range(8).repartition(4).select(
+        F.lit("g").alias("group_id"),
+        F.when(F.col("id") == 5, F.raise_error(F.lit("disk full"))).otherwise(F.col("id").cast("string")).alias("item")))
+    with pytest.raises(Exception, match="disk full"):
+        storage.append_missing(rows, "things", "item")
+    assert parquet_files(storage) == before  # the other tasks' files went with the failed write
+    assert content(storage) == {("a", "1")}

@@ -32,6 +32,12 @@ logger.nativecode.name = org.apache.hadoop.util.NativeCodeLoader
 logger.nativecode.level = error
 logger.spark_utils.name = org.apache.spark.util.Utils
 logger.spark_utils.level = error
+# A failed task's trace is raised again on the driver, which prints it once as one line; these
+# would print it (and its retries) again above that line.
+logger.executor.name = org.apache.spark.executor.Executor
+logger.executor.level = fatal
+logger.tasksets.name = org.apache.spark.scheduler.TaskSetManager
+logger.tasksets.level = fatal
 """
 
 
@@ -94,7 +100,7 @@ def get_spark(
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
         log4j = scratch / "log4j2.properties"
-        if not log4j.exists():
+        if not log4j.exists() or log4j.read_text() != _QUIET_LOG4J:
             log4j.write_text(_QUIET_LOG4J)
         builder = (
             builder.master(master or os.environ.get("GLAN_SPARK_MASTER", "local[*]"))

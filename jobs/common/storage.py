@@ -17,6 +17,7 @@ those rows are dropped from this write rather than recomputed, so no LLM call is
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -269,28 +270,32 @@ def _write_files_udf(table_uri: str, write_id: str, arrow_schema: pa.Schema, spl
                 writer = None
 
         value = None
-        for batch in _split_runs(batches, split_by):
-            if batch.num_rows == 0:
-                continue
-            run_value = batch.column(split_by)[0].as_py() if split_by else None
-            if writer is None or bytes_in >= TARGET_FILE_BYTES or run_value != value:
-                close()
-                value = run_value
-                # The attempt number keeps a retried task from overwriting a file a previous
-                # attempt may still be writing; only the successful attempt's rows reach the driver.
-                name = f"part-{part:05d}-{write_id}-a{attempt}-{file_index:03d}.snappy.parquet"
-                file_index += 1
-                sink = fs.open_output_stream(f"{root}/{name}")
-                writer = pq.ParquetWriter(sink, arrow_schema, compression="snappy")
-                rows = bytes_in = 0
-            table = pa.Table.from_batches([batch])
-            if KEY_HASH in table.column_names:
-                hashes.append(table.column(KEY_HASH).combine_chunks())
-                table = table.drop_columns([KEY_HASH])
-            writer.write_table(table.cast(arrow_schema))
-            rows += batch.num_rows
-            bytes_in += batch.nbytes
-        close()
+        try:
+            for batch in _split_runs(batches, split_by):
+                if batch.num_rows == 0:
+                    continue
+                run_value = batch.column(split_by)[0].as_py() if split_by else None
+                if writer is None or bytes_in >= TARGET_FILE_BYTES or run_value != value:
+                    close()
+                    value = run_value
+                    # The attempt number keeps a retried task from overwriting a file a previous
+                    # attempt may still be writing; only the successful attempt's rows reach the driver.
+                    name = f"part-{part:05d}-{write_id}-a{attempt}-{file_index:03d}.snappy.parquet"
+                    file_index += 1
+                    sink = fs.open_output_stream(f"{root}/{name}")
+                    writer = pq.ParquetWriter(sink, arrow_schema, compression="snappy")
+                    rows = bytes_in = 0
+                table = pa.Table.from_batches([batch])
+                if KEY_HASH in table.column_names:
+                    hashes.append(table.column(KEY_HASH).combine_chunks())
+                    table = table.drop_columns([KEY_HASH])
+                writer.write_table(table.cast(arrow_schema))
+                rows += batch.num_rows
+                bytes_in += batch.nbytes
+            close()
+        except OSError as exc:  # pyarrow's message names no file: say which one (a full disk, say)
+            code = exc.errno or (errno.ENOSPC if "No space left" in str(exc) else errno.EIO)
+            raise OSError(code, exc.strerror or str(exc), f"{root}/{name}" if name else root) from exc
         if written:
             yield pa.RecordBatch.from_pydict(
                 {"path": [w[0] for w in written], "size": [w[1] for w in written],
@@ -648,6 +653,14 @@ class EmbeddedDeltaStorage(Storage):
         _HEARTBEAT.add(marker, fs, marker, {"write_id": write_id, "host": socket.gethostname(), "pid": os.getpid()})
         try:
             yield
+        except BaseException:  # a task failed (a full disk, say): what the others wrote goes too
+            for info in fs.get_file_info(pafs.FileSelector(root)):
+                if info.type == pafs.FileType.File and _write_id_of(info.base_name) == write_id:
+                    try:
+                        fs.delete_file(info.path)
+                    except OSError:
+                        pass
+            raise
         finally:
             _HEARTBEAT.discard(marker)
             try:
