@@ -209,3 +209,35 @@ def test_a_python_worker_error_is_its_own_last_line(spark, monkeypatch, capsys):
     finally:
         spark.sparkContext.setLogLevel("WARN")
     assert capsys.readouterr().err.strip() == "glan: error: PYTHON_EXCEPTION: ValueError: row 7 has no question_id"
+
+
+def test_tables_flags_missing_data_files_and_vacuum_removes_leftovers(tmp_path):
+    run = tmp_path / "run"
+    setup = f"""
+from jobs.common.config import load_config
+from jobs.common.spark import get_spark
+from jobs.common.storage import append_missing
+cfg = load_config([], ["run_root={run}", "storage.backend=embedded"])
+spark = get_spark("t", master="local[1]", run_root=cfg.run_root)
+append_missing(spark.createDataFrame([("a", 1), ("b", 2)], "id string, n int").repartition(2), "topics", "id", cfg)
+"""
+    done = subprocess.run([sys.executable, "-c", setup], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = sorted((run / "topics").glob("part-*.parquet"))
+    assert len(files) == 2
+    files[0].unlink()                                               # a data file lost under the table
+    leftover = run / "topics" / "part-00009-abcdefabcdefabcd-a0-000.snappy.parquet"
+    leftover.write_bytes(files[1].read_bytes())                     # and a write that never committed
+    os.utime(leftover, (0, 0))
+    common = ["--set", f"run_root={run}", "--set", "storage.backend=embedded"]
+
+    tables = glan("tables", *common, "--format", "csv", cwd=tmp_path)
+    assert tables.returncode == 0, tables.stderr
+    header, row = tables.stdout.splitlines()[:2]
+    assert header.split(",")[:5] == ["table", "rows", "version", "last_commit", "missing_files"]
+    assert row.split(",")[1] == "2" and row.split(",")[4] == "1"  # the log's count, and the file it lacks
+    assert "Delta log" in tables.stderr and "topics (1)" in tables.stderr
+
+    vacuum = glan("vacuum", *common, cwd=tmp_path)
+    assert vacuum.returncode == 0, vacuum.stderr
+    assert not leftover.exists() and files[1].exists()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common.config import GlanConfig
-from jobs.common.errors import GlanError, InputError
+from jobs.common.errors import ConfigError, GlanError, InputError
 from jobs.common.jobargs import add_config_args, config_from_args
 
 log = logging.getLogger("glan")
@@ -106,12 +106,33 @@ def cmd_tables(args: argparse.Namespace) -> int:
     if not names:
         print(f"no tables under {cfg.run_root}")
         return 0
-    rows = []
+    from jobs.common.status import table_health
+
+    rows, broken = [], []
     for name in names:
         info = storage.info(name)
+        logged, missing = table_health(storage, name)
         when = info.last_commit.strftime("%Y-%m-%d %H:%M:%S UTC") if info.last_commit else ""
-        rows.append([info.name, info.rows, info.version, when, info.uri])
-    print_rows(["table", "rows", "version", "last_commit", "path"], rows, args.format, max_width=200)
+        rows.append([info.name, logged, info.version, when, missing, info.uri])
+        if missing:
+            broken.append(f"{name} ({missing})")
+    print_rows(["table", "rows", "version", "last_commit", "missing_files", "path"], rows, args.format, max_width=200)
+    if broken:
+        print(f"glan tables: rows are counted from each table's Delta log; data files the log lists are missing "
+              f"in {', '.join(broken)}, and those counts include their rows (reads of these tables fail)",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.retention_hours < 0:
+        raise ConfigError(f"--retention-hours must be >= 0, got {args.retention_hours:g}")
+    from jobs.common.storage import get_storage
+
+    storage = get_storage(_spark_for(cfg, "glan-vacuum"), cfg)
+    rows = [[name, storage.vacuum(name, args.retention_hours)] for name in storage.list_tables()]
+    print_rows(["table", "files_deleted"], rows, "text")
     return 0
 
 
@@ -256,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     tables = add_config_args(sub.add_parser("tables", help="list the run's tables with rows, version, last commit"))
     tables.add_argument("--format", choices=["text", "csv", "json"], default="text")
     tables.set_defaults(func=cmd_tables)
+
+    vacuum = add_config_args(sub.add_parser(
+        "vacuum", help="delete files of writes that never committed, and files removed longer ago than a retention"))
+    vacuum.add_argument("--retention-hours", type=float, default=168.0,
+                        help="keep files removed less than this long ago, for time travel (default: 168, Delta's week)")
+    vacuum.set_defaults(func=cmd_vacuum)
 
     sql = add_config_args(sub.add_parser("sql", help="run a Spark SQL query (reads only); every table of the run is a view"))
     sql.add_argument("query")
