@@ -120,7 +120,7 @@ def test_embedded_endpoint_answers_chat_and_json_schema_then_stops():
         url = endpoint.base_url
         assert endpoint.base_urls == [url] and url.startswith("http://127.0.0.1:")
         process = endpoint.processes[0]
-        with urllib.request.urlopen(url.removesuffix("/v1") + "/props", timeout=10) as response:
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/props", timeout=60) as response:
             props = json.load(response)
         assert props["total_slots"] == 4
         assert props["default_generation_settings"]["n_ctx"] == 2048

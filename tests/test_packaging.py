@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 from jobs.common.package import build_pyfiles
+from jobs.common.pipeline import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,3 +48,42 @@ def test_spark_submit_py_files_imports_the_package_on_executors(tmp_path):
         # Imported from the shipped zip, not from the source tree or an installed copy.
         assert f"{artifact.name}/jobs/__init__.py" in report["jobs"], report
         assert f"{artifact.name}/udfs/__init__.py" in report["udfs"], report
+
+
+# -- what scripts/setup.sh installs ------------------------------------------------------------------
+
+TRAINING_ONLY = {"torch", "deepspeed", "transformers", "accelerate"}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~\[;]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_the_default_setup_installs_no_training_or_compiled_packages():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    default = _requirement_names(project["dependencies"] + project["optional-dependencies"]["local"])
+    assert not default & TRAINING_ONLY
+    assert "llama-cpp-python" not in default  # compiles llama.cpp from source
+    assert "xllamacpp" in default
+    assert TRAINING_ONLY <= _requirement_names(project["optional-dependencies"]["train"])
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("Run the tests:", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert "\n" not in block  # one line
+    ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
+    assert ci_lines[-1] == block
+    assert "--dev" in block  # the suite needs the training packages and the test tools
+
+
+def test_the_main_job_imports_no_training_package():
+    modules = ["jobs.common.cli", "jobs.common.pipeline", "udfs.embedded"] + [module for _, module in STAGES]
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"print(sorted(m for m in {sorted(TRAINING_ONLY)!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

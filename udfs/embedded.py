@@ -192,10 +192,15 @@ def _wait_ready(process: subprocess.Popen, lines: queue.Queue, log_path: Path, d
         process.wait(5)
         raise RuntimeError(f"embedded llama.cpp server exited with {process.returncode}:\n{_log_tail(log_path)}")
     url = f"{address}/v1"
-    with urllib.request.urlopen(f"{url}/models", timeout=10) as response:
-        if response.status != 200:
-            raise RuntimeError(f"embedded llama.cpp server at {url} answered /models with {response.status}")
-    return url
+    while True:  # it answers at once unless the machine is very busy
+        try:
+            with urllib.request.urlopen(f"{url}/models", timeout=5):
+                return url
+        except (urllib.error.URLError, OSError):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"embedded llama.cpp server at {url} does not answer /models:\n"
+                                   f"{_log_tail(log_path)}") from None
+            time.sleep(0.25)
 
 
 @contextmanager
