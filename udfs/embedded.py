@@ -107,8 +107,8 @@ def plan_servers(cfg: EmbeddedEndpointConfig, cores: int | None = None) -> Serve
 
     Single-threaded servers because llama.cpp's threads meet at a spinning barrier after every
     operation: when anything else wants the same cores (Spark's JVM and workers, another job), a
-    two-thread server on two cores fell to a fifth of the old layout's speed in bench/embedded.py,
-    while two one-thread servers with batching stayed about twice as fast as the old layout."""
+    two-thread server on two busy cores fell to a fifth of the previous layout's speed in
+    bench/embedded.py, while two one-thread servers with 8 slots each ran 1.7 times as fast as it."""
     cores = usable_cores() if cores is None else cores
     servers = cfg.servers or min(cores, MAX_AUTO_SERVERS)
     threads = cfg.n_threads or max(1, cores // servers)
@@ -205,7 +205,7 @@ def _wait_ready(process: subprocess.Popen, lines: queue.Queue, log_path: Path, d
 
 @contextmanager
 def embedded_endpoint(cfg: EmbeddedEndpointConfig, *, host: str = "127.0.0.1") -> Iterator[EmbeddedEndpoint]:
-    """Start `cfg.servers` llama.cpp servers, wait until each answers /v1/models, stop them on exit."""
+    """Start the planned llama.cpp servers, wait until each answers /v1/models, stop them on exit."""
     if not server_available():
         raise RuntimeError("the embedded endpoint needs xllamacpp: bash scripts/setup.sh, "
                            'or pip install "glan-spark[local]"')
