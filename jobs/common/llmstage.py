@@ -26,7 +26,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from jobs.common.config import GlanConfig
-from jobs.common.storage import append_missing, get_storage, overwrite
+from jobs.common.storage import append_missing, get_storage
 from jobs.common.spool import IN_FLIGHT, Spool
 from jobs.common.tables import FAILURES
 from udfs.llm_config import StageLLMConfig
@@ -226,7 +226,7 @@ def _run_chunks(todo: DataFrame, rows: int, spool: Spool, commit: Callable[[Data
         commit(spool.read(files, spooled_schema, key, _is_failure(F.col(RESULT))))
         retried = spool.unanswered(intents, files)
         if retried is not None:  # task attempts that sent calls and died before spooling; Spark ran them again
-            _record_in_flight(spark, retried, stage, stage_llm, cfg)
+            _record_in_flight(todo.sparkSession, retried, stage, stage_llm, cfg)
         spool.remove(files, intents=intents)
         log.info("%s: chunk %d/%d committed (%d rows so far)", stage, index + 1, chunks, result.rows_written)
 
@@ -262,11 +262,12 @@ def _record_in_flight(spark, lost: pa.Table, stage: str, stage_llm: StageLLMConf
 
 
 def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: DataFrame, cfg: GlanConfig) -> int:
-    """Replace this stage's failures for the keys just called: failed ones in, succeeded ones out."""
+    """Replace this stage's failures for the keys just called: failed ones in, succeeded ones out.
+    Only those keys' rows are rewritten, so runs of other slices update theirs at the same time."""
     storage = get_storage(spark, cfg)
-    exists = storage.exists("failures")
+    failure_id = stable_id(F.lit(stage), F.col(key))
     new = failed.select(
-        stable_id(F.lit(stage), F.col(key)).alias("failure_id"),
+        failure_id.alias("failure_id"),
         F.lit(stage).alias("stage"),
         F.col(key).cast("string").alias("row_key"),
         F.col(RESULT)["error_class"].alias("error_class"),
@@ -274,19 +275,12 @@ def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: Dat
         F.col(RESULT)["attempts"].alias("attempts"),
         F.current_timestamp().alias("failed_at"),
     ).collect()
-    if not exists and not new:
+    ids = called.select(failure_id.alias("failure_id")).distinct()
+    if not new and (not storage.exists("failures")
+                    or not storage.read("failures").join(F.broadcast(ids), "failure_id", "left_semi").limit(1).count()):
         return 0
-    schema = FAILURES.schema
-    if exists:
-        called_keys = {r[0] for r in called.select(F.col(key).cast("string")).collect()}
-        before = storage.read("failures").collect()
-        kept = [r for r in before if not (r["stage"] == stage and r["row_key"] in called_keys)]
-        if len(kept) == len(before) and not new:
-            return 0
-    else:
-        kept = []
-    # The failures table is small (a row per failed call), so it is rebuilt on the driver.
-    overwrite(spark.createDataFrame([tuple(r) for r in kept] + [tuple(r) for r in new], schema), "failures", cfg)
+    storage.replace(spark.createDataFrame([tuple(r) for r in new], FAILURES.schema), "failures", "failure_id",
+                    [r[0] for r in ids.collect()])
     for row in new[:5]:
         log.warning("%s: %s failed: %s: %s", stage, row["row_key"], row["error_class"], (row["error_message"] or "")[:200])
     return len(new)
