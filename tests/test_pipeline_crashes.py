@@ -125,6 +125,7 @@ def test_a_slice_killed_after_its_conversions_is_finished_by_the_next_run(spark,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_kill_at_every_commit_boundary_still_ends_in_the_same_tables(spark, fake_llm, tmp_path, taxonomy):
     reference = load_config([], settings(tmp_path / "reference", taxonomy, fake_llm.url))
     assert run_pipeline(reference) == 0
