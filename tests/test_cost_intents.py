@@ -14,7 +14,7 @@ from jobs.common.costs import Scope, usage_by_stage
 from jobs.common.llmstage import RESULT, run_llm_step, usage_columns
 from jobs.common.spool import INTENTS, _unanswered
 from jobs.common.storage import read_table
-from tests.test_spool import _key, dead_run, make_cfg  # noqa: F401 - _key is an autouse fixture
+from tests.test_spool import _key, answer_inputs, dead_run, make_cfg  # noqa: F401 - _key is an autouse fixture
 from udfs.llm_udf import llm_udf
 
 pytest_plugins = ["tests.fake_llm_fixture"]
@@ -30,7 +30,7 @@ def answer_step(todo, cfg):
     """The answers stage's step on made-up questions (lineage columns left empty)."""
     empty = F.lit(None).cast("string")
     return run_llm_step(
-        todo, stage="answers", prompt="answer", stage_llm=cfg.answers.llm, inputs=["question"], key="answer_id",
+        todo, stage="answers", prompt="answer", stage_llm=cfg.answers.llm, inputs=answer_inputs(), key="answer_id",
         output="answers", output_key="answer_id", cfg=cfg,
         to_output=lambda ok: ok.select("answer_id", "question_id", empty.alias("combination_id"),
                                        empty.alias("syllabus_id"), empty.alias("subject_id"), "discipline_id",
@@ -50,10 +50,10 @@ def test_calls_in_flight_when_a_run_died_are_counted_then_recorded_and_paid_agai
     spooled_log = spool.intents("answer_id")
     ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url, intents=spooled_log)
     spool.write(todo.filter("question_id < 'q04'").withColumn(
-        RESULT, ask("question", note=["answer_id", "discipline_id"])), spooled_log)
+        RESULT, ask(*answer_inputs(), note=["answer_id", "discipline_id"])), spooled_log)
     lost_log = spool.intents("answer_id")
     ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url, intents=lost_log)
-    todo.filter("question_id IN ('q04', 'q05')").select(ask("question", note=["answer_id", "discipline_id"])).collect()
+    todo.filter("question_id IN ('q04', 'q05')").select(ask(*answer_inputs(), note=["answer_id", "discipline_id"])).collect()
     assert fake_llm.count() == 6
 
     usage = usage_by_stage(spark, cfg)

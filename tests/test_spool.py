@@ -37,6 +37,11 @@ def make_cfg(tmp_path: Path, url: str):
                             "pipeline.rows_per_task=2"])
 
 
+def answer_inputs() -> list:
+    """The answer prompt's variables: the question, and the system prompt (empty by default)."""
+    return ["question", F.lit("").alias("system_prompt")]
+
+
 def questions(spark, n: int):
     rows = [(f"d{i % 2}", f"q{i:02d}", f"What is {i} + {i}?") for i in range(n)]
     return spark.createDataFrame(rows, "discipline_id string, question_id string, question string")
@@ -44,7 +49,7 @@ def questions(spark, n: int):
 
 def step(todo, cfg, scope=None):
     return run_llm_step(
-        todo, stage="test", prompt="answer", stage_llm=cfg.answers.llm, inputs=["question"], key="question_id",
+        todo, stage="test", prompt="answer", stage_llm=cfg.answers.llm, inputs=answer_inputs(), key="question_id",
         output="t_answers", output_key="answer_id", cfg=cfg, scope=scope,
         to_output=lambda ok: ok.select(F.col("question_id").alias("answer_id"),
                                        F.col(RESULT)["text"].alias("answer"),
@@ -73,7 +78,7 @@ def test_a_rerun_commits_what_the_interrupted_run_spooled_and_asks_only_for_the_
     spool = dead_run(spark, cfg)
     # An interrupted run: the calls of four rows were made and spooled, nothing was committed.
     ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url)
-    called = todo.filter("question_id < 'q04'").withColumn(RESULT, ask("question"))
+    called = todo.filter("question_id < 'q04'").withColumn(RESULT, ask(*answer_inputs()))
     files = spool.write(called)
     assert spool_by_stage(cfg)[0] == {"test": 4} and fake_llm.count(kind="answer") == 4
     spooled = {r["question_id"]: r[RESULT]["text"] for r in spark.read.parquet(*[f"{spool.uri}/{f}" for f in files]).collect()}
@@ -108,9 +113,9 @@ def test_a_key_spooled_twice_is_read_once_and_a_success_wins(spark, fake_llm, tm
     spool = Spool(spark, cfg, "test", "t_answers")
     ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url)
     fake_llm.add_rule(kind="answer", status=400, times=2)
-    failed = spool.write(questions(spark, 2).withColumn(RESULT, ask("question")))  # a first attempt that failed
-    ok = spool.write(questions(spark, 2).withColumn(RESULT, ask("question")))     # a retried attempt
-    frame = spool.read(failed + ok, questions(spark, 1).withColumn(RESULT, ask("question")).schema,
+    failed = spool.write(questions(spark, 2).withColumn(RESULT, ask(*answer_inputs())))  # a first attempt that failed
+    ok = spool.write(questions(spark, 2).withColumn(RESULT, ask(*answer_inputs())))     # a retried attempt
+    frame = spool.read(failed + ok, questions(spark, 1).withColumn(RESULT, ask(*answer_inputs())).schema,
                        "question_id", _is_failure(F.col(RESULT)))
     rows = frame.collect()
     assert sorted(r["question_id"] for r in rows) == ["q00", "q01"]
@@ -134,7 +139,7 @@ def test_a_live_run_of_other_disciplines_is_left_to_its_work(spark, fake_llm, tm
     live = Spool(spark, cfg, "test", "t_answers", run_id="live-run")  # this process: alive, heartbeat fresh
     live.claim(["d1"])
     ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url)
-    files = live.write(questions(spark, 2).withColumn(RESULT, ask("question")))  # q00 (d0), q01 (d1)
+    files = live.write(questions(spark, 2).withColumn(RESULT, ask(*answer_inputs())))  # q00 (d0), q01 (d1)
     fake_llm.reset()
     d0 = spark.createDataFrame([("d0",)], "discipline_id string")
     result = step(questions(spark, 2).filter(F.col("discipline_id") == "d0"), cfg, scope=d0)
@@ -182,7 +187,7 @@ def test_a_run_of_one_slice_commits_only_its_disciplines_and_leaves_the_rest(spa
     todo = questions(spark, 6)  # d0: q00 q02 q04; d1: q01 q03 q05
     spool = dead_run(spark, cfg)
     ask = llm_udf("answer", cfg.llm, cfg.answers.llm, base_url=cfg.llm.base_url)
-    spool.write(todo.withColumn(RESULT, ask("question")))
+    spool.write(todo.withColumn(RESULT, ask(*answer_inputs())))
     fake_llm.reset()
 
     def run_slice(discipline):
