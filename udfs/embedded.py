@@ -108,7 +108,8 @@ def plan_servers(cfg: EmbeddedEndpointConfig, cores: int | None = None) -> Serve
     Single-threaded servers because llama.cpp's threads meet at a spinning barrier after every
     operation: when anything else wants the same cores (Spark's JVM and workers, another job), a
     two-thread server on two busy cores fell to a fifth of the previous layout's speed in
-    bench/embedded.py, while two one-thread servers with 8 slots each ran 1.7 times as fast as it."""
+    bench/embedded.py, while two one-thread servers with 8 slots each ran 1.4 to 1.7 times as fast
+    as it."""
     cores = usable_cores() if cores is None else cores
     servers = cfg.servers or min(cores, MAX_AUTO_SERVERS)
     threads = cfg.n_threads or max(1, cores // servers)
