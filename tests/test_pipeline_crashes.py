@@ -188,3 +188,17 @@ def test_the_same_slice_twice_on_a_fresh_root_says_already_running(fake_llm, tmp
     last = err.strip().splitlines()[-1]
     assert "already running" in last or "is running" in last, err[-3000:]
     assert "changed while it was being overwritten" not in err
+
+
+def test_failed_calls_make_the_run_exit_3_unless_within_the_allowed_share(fake_llm, tmp_path, taxonomy):
+    from jobs.common.pipeline import EXIT_FAILED_CALLS
+
+    fake_llm.add_rule(kind="subjects_convert", contains="Logic", status=400)  # 2 of 8 calls fail
+    strict = load_config([], settings(tmp_path / "strict", taxonomy, fake_llm.url))
+    assert run_pipeline(strict, stages=["taxonomy", "subjects"]) == EXIT_FAILED_CALLS
+    lenient = load_config([], settings(tmp_path / "lenient", taxonomy, fake_llm.url,
+                                       **{"pipeline.max_failed_share": 0.25}))
+    assert run_pipeline(lenient, stages=["taxonomy", "subjects"]) == 0
+    tighter = load_config([], settings(tmp_path / "tighter", taxonomy, fake_llm.url,
+                                       **{"pipeline.max_failed_share": 0.2}))
+    assert run_pipeline(tighter, stages=["taxonomy", "subjects"]) == EXIT_FAILED_CALLS

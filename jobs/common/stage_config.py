@@ -79,10 +79,14 @@ class PipelineConfig:
     max_tasks: int = 512
     commit_every_rows: int = 5000  # rows per commit; tasks spool their results in between
     spool_stale_after_s: float = 900.0  # no heartbeat this long (another host): the spool's run is dead
+    # `glan run` exits 3 when more than this share of its LLM calls failed (0: any failed call).
+    max_failed_share: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rows_per_task", "max_tasks", "commit_every_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.max_failed_share <= 1.0:
+            raise ValueError(f"max_failed_share={self.max_failed_share} must be between 0 and 1")
         if self.spool_stale_after_s < 60:
             raise ValueError(f"spool_stale_after_s={self.spool_stale_after_s} must be >= 60 (heartbeats come every 30 s)")
