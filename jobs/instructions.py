@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 
 from jobs.common.config import GlanConfig
 from jobs.common.errors import ConflictError
-from jobs.common.storage import get_storage
+from jobs.common.storage import digests, get_storage
 from jobs.common.tables import INSTRUCTIONS
 
 USES_LLM = False
@@ -73,8 +73,11 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
         items = items if items is not None else _benchmark_items(spark, cfg)
         instructions, contamination, report = decontaminate(pairs, items, cfg.decontam, id_col="instruction_id")
         try:
-            storage.overwrite(contamination, "contamination", read_version=versions["contamination"])
-            storage.overwrite(instructions, "instructions", read_version=versions["instructions"])
+            for name, rows in (("contamination", contamination), ("instructions", instructions)):
+                # Compared, not rewritten every run: a run killed between the two commits is
+                # finished by the next one, which writes only what is still behind.
+                if not (storage.exists(name) and digests(storage.read(name)) == digests(rows)):
+                    storage.overwrite(rows, name, read_version=versions[name])
             break
         except ConflictError as exc:
             if attempt + 1 == attempts:
