@@ -131,6 +131,7 @@ def test_a_kill_at_every_commit_boundary_still_ends_in_the_same_tables(spark, fa
     assert run_pipeline(reference) == 0
     expected = snapshot(spark, reference)
     calls = fake_llm.count()
+    fake_llm.reset()  # a prompt the server saw before would come back with cached tokens
 
     # Every run commits once and is killed (driver, JVM and workers) right after; the next run
     # starts from what it left. The last one finds the work done and exits 0.
@@ -145,7 +146,7 @@ def test_a_kill_at_every_commit_boundary_still_ends_in_the_same_tables(spark, fa
     assert kills >= len(expected)  # at least one kill after a commit of every table
     assert snapshot(spark, load_config([], sets)) == expected
     # Nothing was asked twice: the killed runs together made exactly the reference's calls.
-    assert fake_llm.count() == 2 * calls
+    assert fake_llm.count() == calls
 
 
 @pytest.mark.slow
