@@ -22,8 +22,9 @@ from tests.test_pipeline import settings as pipeline_settings
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 REPO = Path(__file__).resolve().parents[1]
-# Columns that differ between two runs of the same work: when and how fast, not what.
-VOLATILE = {"created_at", "latency_s", "failed_at"}
+# Columns that differ between two runs of the same work: when and how fast, not what; and the
+# cached prompt tokens, which depend on what the server saw before (another run's same prompts).
+VOLATILE = {"created_at", "latency_s", "failed_at", "cached_tokens"}
 
 RUN = """
 import sys
