@@ -79,10 +79,10 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
                 if not (storage.exists(name) and digests(storage.read(name)) == digests(rows)):
                     storage.overwrite(rows, name, read_version=versions[name])
             break
-        except ConflictError as exc:
+        except ConflictError:
             if attempt + 1 == attempts:
                 raise
-            log.warning("decontaminate: %s; deriving the tables again", exc)
+            log.warning("decontaminate: another run committed its tables first; deriving them again")
     clean = storage.read("instructions").count()
     removed = {r["benchmark"]: r["num_pairs"] for r in report.collect()}
     return {"pairs": num_in, "clean": clean, **{f"removed_{k}": v for k, v in removed.items()}}

@@ -188,10 +188,10 @@ class Storage(ABC):
                     return self.overwrite(built, name, read_version=read_version)
                 rows, values = built
                 return self.replace(rows, name, column, values, read_version=read_version, split=True)
-            except ConflictError as exc:
+            except ConflictError:
                 if attempt + 1 == attempts:
                     raise
-                log.warning("table '%s': %s; deriving it again", name, exc)
+                log.warning("table '%s': another run committed it first; deriving it again from the inputs", name)
         return None
 
     @abstractmethod
