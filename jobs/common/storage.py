@@ -27,7 +27,6 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -434,8 +433,13 @@ class EmbeddedDeltaStorage(Storage):
         fs, root = pafs.FileSystem.from_uri(uri)
         fs.create_dir(root, recursive=True)
         self._remove_orphans_once(name)
-        with self._registered(fs, root, write_id):
+        self._mark(fs, root, write_id)
+        try:
             meta = df.mapInArrow(_write_files_udf(uri, write_id, arrow_schema, split_by), FILE_META).collect()
+        except BaseException:
+            self._drop_write(fs, root, write_id)
+            self._unmark(uri, write_id)
+            raise
         files = [(r["path"], r["size"], r["num_records"]) for r in meta]
         staged = StagedWrite(name, uri, write_id, schema, files, read_version, keys, mode, column, frozenset(values),
                              {r["path"]: r["split_value"] for r in meta if split_by is not None})
@@ -482,6 +486,8 @@ class EmbeddedDeltaStorage(Storage):
             if self._already_committed(staged) is None:
                 self.discard(staged)
             raise
+        finally:
+            self._unmark(staged.uri, staged.write_id)
 
     def _already_committed(self, staged: StagedWrite) -> int | None:
         try:
@@ -629,6 +635,7 @@ class EmbeddedDeltaStorage(Storage):
                 fs.delete_file(f"{root}/{path}")
             except OSError:
                 pass
+        self._unmark(staged.uri, staged.write_id)
 
     def append_missing(self, df: DataFrame, name: str, key: str | Sequence[str]) -> WriteResult:
         return self.commit(self.stage(df, name, key, mode="append"))
@@ -645,33 +652,37 @@ class EmbeddedDeltaStorage(Storage):
 
     # -- leftovers of writes that never committed ----------------------------------------------
 
-    @contextmanager
-    def _registered(self, fs: pafs.FileSystem, root: str, write_id: str) -> Iterator[None]:
-        """While its files are being written, a write has a folder in `<table>/_glan_writes/` whose
-        owner file (host, pid, a heartbeat every 30 s, as the spool's) tells a cleanup by another
-        run that its files are not leftovers."""
+    def _mark(self, fs: pafs.FileSystem, root: str, write_id: str) -> None:
+        """From its first file until its commit (or discard), a write has a folder in
+        `<table>/_glan_writes/` whose owner file (host, pid, a heartbeat every 30 s, as the spool's)
+        tells a cleanup by another run that its files are not leftovers."""
         from jobs.common.spool import _HEARTBEAT, _write_owner
 
         marker = f"{root}/{WRITES_DIR}/{write_id}"
+        owner = {"write_id": write_id, "host": socket.gethostname(), "pid": os.getpid()}
         fs.create_dir(marker, recursive=True)
-        _write_owner(fs, marker, {"write_id": write_id, "host": socket.gethostname(), "pid": os.getpid()})
-        _HEARTBEAT.add(marker, fs, marker, {"write_id": write_id, "host": socket.gethostname(), "pid": os.getpid()})
+        _write_owner(fs, marker, owner)
+        _HEARTBEAT.add(marker, fs, marker, owner)
+
+    def _unmark(self, uri: str, write_id: str) -> None:
+        from jobs.common.spool import _HEARTBEAT
+
+        fs, root = pafs.FileSystem.from_uri(uri)
+        marker = f"{root}/{WRITES_DIR}/{write_id}"
+        _HEARTBEAT.discard(marker)
         try:
-            yield
-        except BaseException:  # a task failed (a full disk, say): what the others wrote goes too
-            for info in fs.get_file_info(pafs.FileSelector(root)):
-                if info.type == pafs.FileType.File and _write_id_of(info.base_name) == write_id:
-                    try:
-                        fs.delete_file(info.path)
-                    except OSError:
-                        pass
-            raise
-        finally:
-            _HEARTBEAT.discard(marker)
-            try:
-                fs.delete_dir(marker)
-            except OSError:
-                pass
+            fs.delete_dir(marker)
+        except OSError:
+            pass
+
+    def _drop_write(self, fs: pafs.FileSystem, root: str, write_id: str) -> None:
+        """Every file a failed write left (a task failed, a full disk, say: the others' files too)."""
+        for info in fs.get_file_info(pafs.FileSelector(root)):
+            if info.type == pafs.FileType.File and _write_id_of(info.base_name) == write_id:
+                try:
+                    fs.delete_file(info.path)
+                except OSError:
+                    pass
 
     def _remove_orphans_once(self, name: str) -> None:
         key = (self.uri(name), os.getpid())
