@@ -99,13 +99,6 @@ def build_benchmark_items(spark: SparkSession, cfg: DecontamConfig) -> DataFrame
     return spark.createDataFrame(_benchmark_table(spark, cfg).to_pandas(), BENCHMARK_ITEMS_SCHEMA)
 
 
-def items_digest(items: DataFrame) -> tuple[int, int]:
-    """(rows, sum of row hashes) of a `benchmark_items` frame: equal for the same rows in any order."""
-    row = items.select(F.count(F.lit(1)), F.sum(F.xxhash64(*BENCHMARK_ITEMS_SCHEMA.fieldNames())
-                                                 .cast("decimal(38,0)"))).first()
-    return int(row[0]), int(row[1] or 0)
-
-
 @contextmanager
 def staged_benchmark_items(spark: SparkSession, cfg: DecontamConfig, scratch: str) -> Iterator[DataFrame]:
     """`benchmark_items` read by Spark from a Parquet file the driver writes under `scratch` (a

@@ -44,12 +44,12 @@ def _benchmark_items(spark: SparkSession, cfg: GlanConfig) -> DataFrame:
     """The registry's items as the benchmark files hold them now. The files are read every run (a
     few seconds), and the table is rewritten only when its rows differ: another benchmark set, or
     files that changed under the same names."""
-    from jobs.decontaminate import items_digest, staged_benchmark_items
+    from jobs.decontaminate import staged_benchmark_items
 
     storage = get_storage(spark, cfg)
     with staged_benchmark_items(spark, cfg.decontam, cfg.table_uri("_scratch")) as fresh:
         def behind() -> DataFrame | None:
-            same = storage.exists("benchmark_items") and items_digest(storage.read("benchmark_items")) == items_digest(fresh)
+            same = storage.exists("benchmark_items") and digests(storage.read("benchmark_items")) == digests(fresh)
             return None if same else fresh
 
         storage.rebuild("benchmark_items", behind)
