@@ -1,6 +1,6 @@
 """Benchmark: decontamination of synthetic generated pairs against the full default benchmark set.
 
-Compares `jobs.decontaminate.decontaminate` (Spark, local[*]) with a plain single-process datasketch
+Compares `jobs.decontam.detect.decontaminate` (Spark, local[*]) with a plain single-process datasketch
 loop (a MinHashLSH built over the benchmark items, one query per pair, candidates confirmed by the
 same exact Jaccard) on the same pairs, and the recall of each on the same planted items.
 
@@ -33,7 +33,7 @@ class Prose:
         text = " ".join(p.read_text(errors="ignore") for p in sorted(_SEED.glob("*.txt")))
         rng = random.Random(seed)
         try:
-            from udfs.fake_llm import free_text
+            from udfs.servers.fake_llm import free_text
             text += " " + " ".join(free_text(rng) for _ in range(200))
         except Exception:  # the test server module is optional here
             pass
@@ -94,7 +94,7 @@ def plant(text: str, kind: str, rng: random.Random, prose: Prose) -> str:
 
 
 def plantable(items: list[tuple[str, str, str, str]], min_words: int) -> list[tuple[str, str, str, str]]:
-    from jobs.common.textsim import words
+    from jobs.decontam.textsim import words
     return [it for it in items if len(words(it[3])) >= min_words]
 
 
@@ -130,7 +130,7 @@ def plain_loop(items, pairs, mh, text_cols=("question", "answer")):
     """The plain single-process way: datasketch MinHashLSH over the items, one query per text,
     candidates confirmed by the same exact Jaccard/containment rule. Returns {pair_id: {benchmarks}}."""
     from datasketch import MinHash, MinHashLSH
-    from jobs.common import textsim as ts
+    from jobs.decontam import textsim as ts
 
     lsh = MinHashLSH(threshold=mh.threshold, num_perm=mh.num_perm, weights=(mh.fp_weight, mh.fn_weight))
     grams = {}
@@ -172,9 +172,9 @@ def recall(found: dict, planted: dict) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     import pandas as pd
 
-    from jobs.common.config import load_config
-    from jobs.common.spark import get_spark
-    from jobs.decontaminate import build_benchmark_items, decontaminate
+    from jobs.config.loader import load_config
+    from jobs.spark.session import get_spark
+    from jobs.decontam.detect import build_benchmark_items, decontaminate
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=100_000)

@@ -7,7 +7,7 @@
   per usable core, requests spread over them in turn. Needs `pip install
   "llama-cpp-python[server]==0.3.36"` (compiles llama.cpp, about 8 minutes on 2 cores); skipped
   with a message when it is not installed.
-- current: `udfs.embedded.embedded_endpoint` with the default config (one xllamacpp server on all
+- current: `udfs.servers.embedded.embedded_endpoint` with the default config (one xllamacpp server on all
   usable cores, slots sized from the machine, continuous batching); --servers, --threads and
   --slots override llm.embedded's settings to try other layouts.
 
@@ -36,8 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from udfs.embedded import embedded_endpoint, find_model_path, usable_cores  # noqa: E402
-from udfs.llm_config import EmbeddedEndpointConfig  # noqa: E402
+from udfs.servers.embedded import embedded_endpoint, find_model_path, usable_cores  # noqa: E402
+from udfs.llm.config import EmbeddedEndpointConfig  # noqa: E402
 
 TOPICS = [
     "photosynthesis", "plate tectonics", "the French Revolution", "prime numbers", "supply and demand",
@@ -104,7 +104,7 @@ def _wait_models(url: str, process: subprocess.Popen, log_path: Path, timeout_s:
 
 @contextmanager
 def previous_layout(model: Path, servers: int, n_ctx: int):
-    """One single-threaded llama-cpp-python server per core, as udfs/embedded.py ran them before."""
+    """One single-threaded llama-cpp-python server per core, as udfs/servers/embedded.py ran them before."""
     processes, urls = [], []
     log_dir = Path(tempfile.mkdtemp(prefix="glan-bench-llama-cpp-"))
     try:

@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 
 from pyspark.sql import functions as F  # noqa: E402
 
-from jobs.common.spark import get_spark  # noqa: E402
-from udfs.llm_config import LLMConfig, StageLLMConfig  # noqa: E402
+from jobs.spark.session import get_spark  # noqa: E402
+from udfs.llm.config import LLMConfig, StageLLMConfig  # noqa: E402
 from udfs.llm_udf import llm_udf  # noqa: E402
-from udfs.prompts import load_prompt  # noqa: E402
+from udfs.llm.prompts import load_prompt  # noqa: E402
 
 PROMPT = load_prompt("echo_topic", REPO / "tests" / "prompts_llm")
 STAGE = StageLLMConfig(model="bench", max_tokens=1024)
@@ -39,7 +39,7 @@ STAGE = StageLLMConfig(model="bench", max_tokens=1024)
 
 def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "udfs.fake_llm", "--port", "0", "--no-record", *flags],
+        [sys.executable, "-m", "udfs.servers.fake_llm", "--port", "0", "--no-record", *flags],
         stdout=subprocess.PIPE, text=True, cwd=REPO,
     )
     line = process.stdout.readline()

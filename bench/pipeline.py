@@ -8,7 +8,6 @@ Run: python bench/pipeline.py [--disciplines 4] [--questions-per-syllabus 16]
 from __future__ import annotations
 
 import argparse
-import importlib
 import shutil
 import subprocess
 import sys
@@ -16,15 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.common.config import load_config
-from jobs.common.pipeline import STAGES
-from jobs.common.spark import get_spark
-from jobs.common.storage import get_storage
-from jobs.common.taxonomy import load_taxonomy
+from jobs.config.loader import load_config
+from jobs.pipeline.stage import StageContext, stages
+from jobs.spark.session import get_spark
+from jobs.storage.delta import get_storage
+from jobs.glan.taxonomy import load_taxonomy
 
 
 def start_server() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.common.cli", "fake-llm", "--port", "0", "--seed", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli.main", "fake-llm", "--port", "0", "--seed", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     if "listening on" not in line:
@@ -55,10 +54,10 @@ def main() -> None:
         spark.range(4).count()  # start the executors outside the timings
         seconds = {}
         started = time.perf_counter()
-        for name, module in STAGES:
+        for stage in stages():
             t0 = time.perf_counter()
-            importlib.import_module(module).run_stage(spark, cfg, names)
-            seconds[name] = time.perf_counter() - t0
+            stage.run(StageContext(stage.name, spark, cfg, names))
+            seconds[stage.name] = time.perf_counter() - t0
         total = time.perf_counter() - started
         storage = get_storage(spark, cfg)
         counts = {t: storage.read_or_empty(t).count() for t in

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from jobs.common.config import load_config
-from jobs.common.spark import get_spark
-from jobs.common.storage import get_storage
+from jobs.config.loader import load_config
+from jobs.spark.session import get_spark
+from jobs.storage.delta import get_storage
 
 
 def main() -> None:

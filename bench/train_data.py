@@ -2,7 +2,7 @@
 
 - lists: the way jobs/train.py did it before the tokenised cache: every rank read all questions
   and answers into Python lists and kept one `Example` (two lists of ints) per pair.
-- cold: jobs/common/tokenized.py on an empty cache (tokenise every shard, write the parts, map them).
+- cold: jobs/training/tokenized.py on an empty cache (tokenise every shard, write the parts, map them).
 - warm: the same on a full cache (a resumed run, or ranks 1..N-1 of a node reading what the
   others wrote): map the parts, nothing is tokenised.
 
@@ -73,8 +73,8 @@ def run_mode(mode: str, export: Path, cache: Path) -> dict[str, float]:
     """One mode in this process: prepare, read every example once, report."""
     import pyarrow.parquet as pq
 
-    from jobs.common.tokenized import prepare_split
-    from jobs.common.training import join_prompt_answer, prompt_text
+    from jobs.training.tokenized import prepare_split
+    from jobs.training.recipe import join_prompt_answer, prompt_text
     from jobs.train import load_manifest
 
     tokenizer = make_tokenizer()

@@ -5,20 +5,23 @@ Run: spark-submit --py-files dist/glan_spark-<version>-pyfiles.zip jobs/check_cl
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import sys
 
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from jobs.common.jobargs import add_config_args, config_from_args
+from jobs.cli.args import add_config_args, config_from_args
+from jobs.spark.session import get_spark
+from jobs.storage.delta import get_storage
 
 
 def _executor_report(_: int) -> str:
-    import importlib
-
-    import jobs
-    import udfs
+    # Imported on the executor, in the UDF, on purpose: this is the check that they import there.
+    import jobs  # noqa: PLC0415
+    import udfs  # noqa: PLC0415
 
     found = {}
     for module in ("pyarrow", "pandas", "openai", "tenacity", "jinja2", "jsonschema", "yaml", "datasketch"):
@@ -30,11 +33,6 @@ def _executor_report(_: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from jobs.common.spark import get_spark
-    from jobs.common.storage import get_storage
-
     args = add_config_args(argparse.ArgumentParser(description="check a cluster for glan-spark")).parse_args(argv)
     cfg = config_from_args(args)
     spark = get_spark("glan-check", run_root=cfg.run_root)

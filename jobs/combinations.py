@@ -10,19 +10,14 @@ Run: spark-submit jobs/combinations.py --conf conf/local.yaml
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
+from pyspark.sql import DataFrame
 
-from jobs.common.combinations import CombinationsConfig, combination_id
-from jobs.common.config import GlanConfig
-from jobs.common.llmstage import selected_disciplines
-from jobs.common.storage import get_storage
-from jobs.common.tables import CONCEPT_COMBINATIONS
-
-USES_LLM = False
+from jobs.glan.combinations import CombinationsConfig, combination_id
+from jobs.pipeline.runner import stage_main
+from jobs.pipeline.stage import Stage, StageContext
+from jobs.storage.tables import CONCEPT_COMBINATIONS
 
 
 def combinations_for_syllabus(sessions: pd.DataFrame, cc: CombinationsConfig) -> pd.DataFrame:
@@ -61,19 +56,19 @@ def build_combinations(sessions: DataFrame, cc: CombinationsConfig) -> DataFrame
             .groupBy("syllabus_id").applyInPandas(per_syllabus, CONCEPT_COMBINATIONS.schema))
 
 
-def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | None = None) -> dict:
-    storage = get_storage(spark, cfg)
-    chosen = selected_disciplines(spark, cfg, disciplines).select("discipline_id")
-    sessions = storage.read_or_empty("sessions").join(chosen, "discipline_id", "inner")
-    result = storage.append_missing(build_combinations(sessions, cfg.combinations), "concept_combinations",
-                                    "combination_id")
+def run(ctx: StageContext) -> dict:
+    result = ctx.storage.append_missing(build_combinations(ctx.mine("sessions"), ctx.cfg.combinations),
+                                        "concept_combinations", "combination_id")
     return {"combinations_written": result.rows_written}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.common.pipeline import stage_main
+STAGE = Stage(name="combinations", reads=("sessions",), writes=("concept_combinations",), run=run,
+              description="samples sessions and key concepts per question (basic and challenging), "
+                          "seeded, never repeated; no LLM")
 
-    return stage_main("combinations", argv)
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

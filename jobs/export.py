@@ -39,8 +39,8 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from jobs.common.export_config import ExportConfig
-from jobs.common.spark import arrow_filesystem
+from jobs.config.export import ExportConfig
+from jobs.spark.session import arrow_filesystem
 
 log = logging.getLogger("glan.export")
 
@@ -396,7 +396,7 @@ def render_card(manifest: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from jobs.common.jobargs import add_config_args
+    from jobs.cli.args import add_config_args
 
     parser = argparse.ArgumentParser(prog="glan export", description=__doc__.split("\n")[0])
     add_config_args(parser)
@@ -411,9 +411,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from jobs.common.jobargs import config_from_args
-    from jobs.common.spark import get_spark
-    from jobs.common.storage import read_table
+    from jobs.cli.args import config_from_args
+    from jobs.spark.session import get_spark
+    from jobs.storage.delta import read_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)

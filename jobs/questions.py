@@ -10,43 +10,46 @@ from __future__ import annotations
 
 import sys
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from jobs.common.config import GlanConfig
-from jobs.common.llmstage import RESULT, run_llm_step, selected_disciplines, stable_id, usage_columns
-from jobs.common.storage import get_storage
+from jobs.pipeline.keys import stable_id
+from jobs.pipeline.llmstep import RESULT, ask, usage_columns
+from jobs.pipeline.runner import stage_main
+from jobs.pipeline.stage import LLMCall, Stage, StageContext
 
-USES_LLM = True
+
+def _question_rows(ctx: StageContext) -> DataFrame:
+    read = ctx.storage.read_or_empty
+    return (ctx.mine("concept_combinations")
+            .withColumn("question_id", stable_id("combination_id", F.lit(0)))
+            .join(read("syllabi").select("syllabus_id", "subject_id", "syllabus_text"), "syllabus_id")
+            .join(read("subjects").select("subject_id", "subject_name", "level"), "subject_id"))
 
 
-def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | None = None) -> dict:
-    qc = cfg.questions
-    storage = get_storage(spark, cfg)
-    chosen = selected_disciplines(spark, cfg, disciplines).select("discipline_id")
-    combos = storage.read_or_empty("concept_combinations").join(chosen, "discipline_id", "inner")
-    todo = (
-        storage.missing_rows(combos, "questions", "combination_id")
-        .withColumn("question_id", stable_id("combination_id", F.lit(0)))
-        .join(storage.read_or_empty("syllabi").select("syllabus_id", "subject_id", "syllabus_text"), "syllabus_id")
-        .join(storage.read_or_empty("subjects").select("subject_id", "subject_name", "level"), "subject_id")
-    )
-    step = run_llm_step(
-        todo, stage="questions", prompt="question", stage_llm=qc.llm,
-        inputs=["subject_name", "level", "syllabus_text", "concepts", "session_names", "learned_up_to",
-                "learned_up_to_name"],
-        key="question_id", output="questions", output_key="question_id", cfg=cfg, scope=chosen,
-        sort_within=("syllabus_id", "combination_index"),
-        to_output=lambda ok: ok.select("question_id", "combination_id", "syllabus_id", "subject_id", "discipline_id",
-                                       F.trim(F.col(RESULT)["text"]).alias("question"), *usage_columns(qc.llm)),
-    )
-    return step.figures("questions")
+QUESTIONS = LLMCall(
+    prompt="question", llm=lambda cfg: cfg.questions.llm, rows=_question_rows,
+    inputs=("subject_name", "level", "syllabus_text", "concepts", "session_names", "learned_up_to",
+            "learned_up_to_name"),
+    key="question_id", output="questions", output_key="question_id",
+    sort_within=("syllabus_id", "combination_index"),
+    to_output=lambda ok, llm: ok.select("question_id", "combination_id", "syllabus_id", "subject_id", "discipline_id",
+                                        F.trim(F.col(RESULT)["text"]).alias("question"), *usage_columns(llm)),
+    volume=lambda v: v.questions,
+)
+
+
+def run(ctx: StageContext) -> dict:
+    return ask(ctx, QUESTIONS).figures("questions")
+
+
+STAGE = Stage(name="questions", reads=("concept_combinations", "syllabi", "subjects"), writes=("questions",),
+              calls=(QUESTIONS,), run=run,
+              description="one homework question per combination, the syllabus text first (prompt-cache friendly)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.common.pipeline import stage_main
-
-    return stage_main("questions", argv)
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import sys
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from jobs.common.config import GlanConfig
-from jobs.common.llmstage import RESULT, run_llm_step, selected_disciplines, stable_id, usage_columns
-from jobs.common.storage import differing_values, get_storage
-from udfs.schemas import subjects_schema
-
-USES_LLM = True
+from jobs.pipeline.keys import stable_id
+from jobs.pipeline.llmstep import RESULT, ask, usage_columns
+from jobs.pipeline.runner import stage_main
+from jobs.pipeline.stage import LLMCall, Stage, StageContext
+from jobs.storage.delta import differing_values
+from udfs.llm.schemas import subjects_schema
 
 PARSED_SUBJECTS = T.StructType([T.StructField("subjects", T.ArrayType(T.StructType([
     T.StructField("subject_name", T.StringType()),
@@ -68,35 +68,47 @@ def build_subjects(conversions: DataFrame) -> DataFrame:
     )
 
 
-def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | None = None) -> dict:
-    sc = cfg.subjects
-    storage = get_storage(spark, cfg)
-    chosen = selected_disciplines(spark, cfg, disciplines)
+def _list_rows(ctx: StageContext) -> DataFrame:
+    return list_requests(ctx.chosen, ctx.cfg.subjects.samples_per_discipline)
 
-    requests = list_requests(chosen, sc.samples_per_discipline)
-    lists = run_llm_step(
-        storage.missing_rows(requests, "subject_lists", "list_id"),
-        stage="subjects", prompt="subjects_list", stage_llm=sc.llm,
-        inputs=["discipline", "sub_field", "field"], seed="sample_index",
-        key="list_id", output="subject_lists", output_key="list_id", cfg=cfg, scope=chosen,
-        to_output=lambda ok: ok.select("list_id", "discipline_id", F.col("sample_index").cast("int"),
-                                       F.col(RESULT)["text"].alias("subjects_text"), *usage_columns(sc.llm)),
-    )
 
-    listed = (storage.read_or_empty("subject_lists").join(chosen.select("discipline_id", "discipline"),
-                                                           "discipline_id", "inner"))
-    conversions = run_llm_step(
-        storage.missing_rows(listed, "subject_conversions", "list_id"),
-        stage="subjects", prompt="subjects_convert", stage_llm=sc.convert_llm,
-        schema=subjects_schema(sc.max_subjects_per_sample),
-        inputs=["discipline", "subjects_text"],
-        key="list_id", output="subject_conversions", output_key="list_id", cfg=cfg, scope=chosen,
-        to_output=lambda ok: ok.select("list_id", "discipline_id", "sample_index",
-                                       F.col(RESULT)["parsed"].alias("subjects_json"), *usage_columns(sc.convert_llm)),
-    )
-    rebuilt = storage.rebuild("subjects", lambda: subjects_behind(storage, chosen), column="discipline_id")
+def _conversion_rows(ctx: StageContext) -> DataFrame:
+    return ctx.storage.read_or_empty("subject_lists").join(ctx.chosen.select("discipline_id", "discipline"),
+                                                          "discipline_id", "inner")
+
+
+LISTS = LLMCall(
+    prompt="subjects_list", llm=lambda cfg: cfg.subjects.llm, rows=_list_rows,
+    inputs=("discipline", "sub_field", "field"), seed="sample_index",
+    key="list_id", output="subject_lists", output_key="list_id",
+    to_output=lambda ok, llm: ok.select("list_id", "discipline_id", F.col("sample_index").cast("int"),
+                                        F.col(RESULT)["text"].alias("subjects_text"), *usage_columns(llm)),
+    volume=lambda v: v.disciplines * v.samples_per_discipline,
+)
+
+CONVERSIONS = LLMCall(
+    prompt="subjects_convert", llm=lambda cfg: cfg.subjects.convert_llm, rows=_conversion_rows,
+    schema=lambda cfg: subjects_schema(cfg.subjects.max_subjects_per_sample),
+    inputs=("discipline", "subjects_text"),
+    key="list_id", output="subject_conversions", output_key="list_id",
+    to_output=lambda ok, llm: ok.select("list_id", "discipline_id", "sample_index",
+                                        F.col(RESULT)["parsed"].alias("subjects_json"), *usage_columns(llm)),
+    volume=lambda v: v.disciplines * v.samples_per_discipline,
+)
+
+
+def run(ctx: StageContext) -> dict:
+    lists = ask(ctx, LISTS)
+    conversions = ask(ctx, CONVERSIONS)
+    rebuilt = ctx.storage.rebuild("subjects", lambda: subjects_behind(ctx.storage, ctx.chosen), column="discipline_id")
     return {**lists.figures("lists"), **conversions.figures("conversions"),
             "subjects_rebuilt": rebuilt.rows_written if rebuilt else 0}
+
+
+STAGE = Stage(name="subjects", reads=("taxonomy",), writes=("subject_lists", "subject_conversions", "subjects"),
+              calls=(LISTS, CONVERSIONS), run=run,
+              description="`subjects.samples_per_discipline` free-text subject lists per discipline, each "
+                          "converted to subjects with level and subtopics; merged per discipline")
 
 
 def subjects_behind(storage, chosen: DataFrame) -> tuple[DataFrame, list[str]] | None:
@@ -113,9 +125,7 @@ def subjects_behind(storage, chosen: DataFrame) -> tuple[DataFrame, list[str]] |
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.common.pipeline import stage_main
-
-    return stage_main("subjects", argv)
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

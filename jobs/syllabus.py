@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import sys
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from jobs.common.config import GlanConfig
-from jobs.common.llmstage import RESULT, run_llm_step, selected_disciplines, stable_id, usage_columns
-from jobs.common.storage import get_storage
-from udfs.schemas import sessions_schema
-
-USES_LLM = True
+from jobs.pipeline.keys import stable_id
+from jobs.pipeline.llmstep import RESULT, ask, usage_columns
+from jobs.pipeline.runner import stage_main
+from jobs.pipeline.stage import LLMCall, Stage, StageContext
+from udfs.llm.schemas import sessions_schema
 
 PARSED_SESSIONS = T.StructType([T.StructField("sessions", T.ArrayType(T.StructType([
     T.StructField("name", T.StringType()),
@@ -45,32 +44,42 @@ def build_sessions(session_lists: DataFrame) -> DataFrame:
     )
 
 
-def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | None = None) -> dict:
-    sy = cfg.syllabus
-    storage = get_storage(spark, cfg)
-    chosen = selected_disciplines(spark, cfg, disciplines).select("discipline_id", "discipline")
-    subjects = storage.read_or_empty("subjects").join(chosen, "discipline_id", "inner")
+def _syllabus_rows(ctx: StageContext) -> DataFrame:
+    chosen = ctx.chosen.select("discipline_id", "discipline")
+    return (ctx.storage.read_or_empty("subjects").join(chosen, "discipline_id", "inner")
+            .withColumn("syllabus_id", stable_id("subject_id")))
 
-    todo = storage.missing_rows(subjects, "syllabi", "subject_id").withColumn("syllabus_id", stable_id("subject_id"))
-    syllabi = run_llm_step(
-        todo, stage="syllabus", prompt="syllabus", stage_llm=sy.llm,
-        inputs=["subject_name", "level", "subtopics", "discipline"],
-        key="syllabus_id", output="syllabi", output_key="syllabus_id", cfg=cfg, scope=chosen,
-        to_output=lambda ok: ok.select("syllabus_id", "subject_id", "discipline_id",
-                                       F.col(RESULT)["text"].alias("syllabus_text"), *usage_columns(sy.llm)),
-    )
 
-    written = (storage.read_or_empty("syllabi").join(chosen, "discipline_id", "inner")
-               .join(storage.read_or_empty("subjects").select("subject_id", "subject_name"), "subject_id", "inner"))
-    extracted = run_llm_step(
-        storage.missing_rows(written, "session_lists", "syllabus_id"),
-        stage="syllabus", prompt="syllabus_extract", stage_llm=sy.extract_llm,
-        schema=sessions_schema(sy.max_sessions, sy.max_concepts_per_session),
-        inputs=["subject_name", "syllabus_text"],
-        key="syllabus_id", output="session_lists", output_key="syllabus_id", cfg=cfg, scope=chosen,
-        to_output=lambda ok: ok.select("syllabus_id", "discipline_id", F.col(RESULT)["parsed"].alias("sessions_json"),
-                                       *usage_columns(sy.extract_llm)),
-    )
+def _extract_rows(ctx: StageContext) -> DataFrame:
+    chosen = ctx.chosen.select("discipline_id", "discipline")
+    return (ctx.storage.read_or_empty("syllabi").join(chosen, "discipline_id", "inner")
+            .join(ctx.storage.read_or_empty("subjects").select("subject_id", "subject_name"), "subject_id", "inner"))
+
+
+SYLLABI = LLMCall(
+    prompt="syllabus", llm=lambda cfg: cfg.syllabus.llm, rows=_syllabus_rows,
+    inputs=("subject_name", "level", "subtopics", "discipline"),
+    key="syllabus_id", output="syllabi", output_key="syllabus_id",
+    to_output=lambda ok, llm: ok.select("syllabus_id", "subject_id", "discipline_id",
+                                        F.col(RESULT)["text"].alias("syllabus_text"), *usage_columns(llm)),
+    volume=lambda v: v.subjects,
+)
+
+EXTRACTIONS = LLMCall(
+    prompt="syllabus_extract", llm=lambda cfg: cfg.syllabus.extract_llm, rows=_extract_rows,
+    schema=lambda cfg: sessions_schema(cfg.syllabus.max_sessions, cfg.syllabus.max_concepts_per_session),
+    inputs=("subject_name", "syllabus_text"),
+    key="syllabus_id", output="session_lists", output_key="syllabus_id",
+    to_output=lambda ok, llm: ok.select("syllabus_id", "discipline_id", F.col(RESULT)["parsed"].alias("sessions_json"),
+                                        *usage_columns(llm)),
+    volume=lambda v: v.subjects,
+)
+
+
+def run(ctx: StageContext) -> dict:
+    syllabi = ask(ctx, SYLLABI)
+    extracted = ask(ctx, EXTRACTIONS)
+    storage = ctx.storage
     if storage.exists("session_lists"):
         lists = storage.read_or_empty("session_lists")
         storage.append_missing(build_sessions(storage.missing_rows(lists, "sessions", "syllabus_id")),
@@ -78,10 +87,13 @@ def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | Non
     return {**syllabi.figures("syllabi"), **extracted.figures("extractions")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.common.pipeline import stage_main
+STAGE = Stage(name="syllabus", reads=("subjects", "taxonomy"), writes=("syllabi", "session_lists", "sessions"),
+              calls=(SYLLABI, EXTRACTIONS), run=run,
+              description="one syllabus per subject, then its class sessions with key concepts extracted")
 
-    return stage_main("syllabus", argv)
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from pyspark.sql import SparkSession
-
-from jobs.common.config import GlanConfig
-from jobs.common.jobargs import add_config_args, config_from_args
-from jobs.common.taxonomy import (
+from jobs.config.loader import GlanConfig
+from jobs.cli.args import add_config_args, config_from_args
+from jobs.glan.taxonomy import (
     PROPOSE_PROMPT,
     PROPOSE_SCHEMA,
     Taxonomy,
@@ -29,53 +27,53 @@ from jobs.common.taxonomy import (
     review_candidates,
     write_review_file,
 )
-from jobs.common.tables import TAXONOMY
-
-USES_LLM = False
-
+from jobs.pipeline.stage import Stage, StageContext
+from jobs.storage.tables import TAXONOMY
 
 def taxonomy_rows(taxonomy: Taxonomy) -> list[tuple]:
     columns = TAXONOMY.schema.fieldNames()
     return [tuple(getattr(row, c) for c in columns) for row in taxonomy.disciplines()]
 
 
-def run_stage(spark: SparkSession, cfg: GlanConfig, disciplines: list[str] | None = None) -> dict:
+def run(ctx: StageContext) -> dict:
     """Load and validate the taxonomy file; rewrite the table only when the file changed.
 
     The table always holds the whole taxonomy: `--disciplines` limits what later stages expand,
     not what the taxonomy is."""
-    from jobs.common.storage import get_storage
-
-    taxonomy = load_taxonomy(cfg.taxonomy.path())
-    for names in (disciplines, cfg.taxonomy.disciplines):
+    taxonomy = load_taxonomy(ctx.cfg.taxonomy.path())
+    for names in (ctx.disciplines, ctx.cfg.taxonomy.disciplines):
         if names:
             taxonomy.select(names)  # unknown names are an error now, before any LLM call
     rows = taxonomy_rows(taxonomy)
-    storage = get_storage(spark, cfg)
+    storage = ctx.storage
 
     def behind():
         if storage.exists("taxonomy") and {tuple(r) for r in storage.read("taxonomy").collect()} == set(rows):
             return None
-        return spark.createDataFrame(rows, TAXONOMY.schema)
+        return ctx.spark.createDataFrame(rows, TAXONOMY.schema)
 
     # Runs started together on a fresh run root both write it; the later one finds it equal.
     written = storage.rebuild("taxonomy", behind)
     return {"disciplines": len(rows), "changed": int(written is not None)}
 
 
+STAGE = Stage(name="taxonomy", reads=(), writes=("taxonomy",), run=run,
+              description="loads `taxonomy.file` (fields > sub-fields > disciplines), validated; no LLM")
+
+
 def _propose(cfg: GlanConfig, out: Path, field_names: list[str]) -> int:
     from dataclasses import replace
 
-    from udfs.client import CallSpec, LLMClient, LLMRequest
-    from udfs.llm_config import StageLLMConfig
-    from udfs.prompts import load_prompt
+    from udfs.llm.client import CallSpec, LLMClient, LLMRequest
+    from udfs.llm.config import StageLLMConfig
+    from udfs.llm.prompts import load_prompt
 
     stage = StageLLMConfig(model=cfg.subjects.llm.model, temperature=1.0, top_p=0.95, max_tokens=8192)
     spec = CallSpec(prompt=load_prompt(PROPOSE_PROMPT), stage=stage, schema=PROPOSE_SCHEMA,
                     repair_prompt=load_prompt("repair"))
     with ExitStack() as stack:
         if cfg.llm.endpoint == "embedded":
-            from udfs.embedded import embedded_endpoint
+            from udfs.servers.embedded import embedded_endpoint
 
             endpoint = stack.enter_context(embedded_endpoint(cfg.llm.embedded))
             cfg = replace(cfg, llm=replace(cfg.llm, base_url=endpoint.base_url))
@@ -134,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(text)
         return 0
-    from jobs.common.spark import get_spark
+    from jobs.spark.session import get_spark
 
     spark = get_spark("glan-taxonomy", master=cfg.spark.master, run_root=cfg.run_root)
-    print(json.dumps(run_stage(spark, cfg)))
+    print(json.dumps(run(StageContext("taxonomy", spark, cfg))))
     return 0
 
 

@@ -4,7 +4,7 @@ Reads `manifest.json` of `glan export` (a local folder or any URI pyarrow reads)
 and answer separately and joins them (labels -100 on the prompt: loss on answer tokens only). The
 ranks share that work: each tokenises its share of the shards (checksums verified) into flat arrays
 under OUTPUT/tokenized/, and every rank memory-maps all of them, so a node holds one copy of the
-tokens and a resumed run does not tokenise again (jobs/common/tokenized.py). Micro-batches are
+tokens and a resumed run does not tokenise again (jobs/training/tokenized.py). Micro-batches are
 packed to a token budget (sequences x longest <= --micro-batch-tokens); gradients accumulate to
 about --pairs-per-step pairs per optimizer step, and each step's loss is the mean over all of its
 answer tokens (on every rank and micro-batch), not a mean of micro-batch means. A linear warm-up +
@@ -133,7 +133,7 @@ def _walk(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def load_manifest(export: str) -> tuple[dict[str, Any], str]:
     """The export's manifest and its folder; `export` is a folder or its manifest.json, a local
     path or any URI pyarrow reads (s3://, gs://, abfs://, hdfs://, dbfs:/)."""
-    from jobs.common.spark import arrow_filesystem
+    from jobs.spark.session import arrow_filesystem
 
     export = export.rstrip("/")
     root = export[: -len("/manifest.json")] if export.endswith("/manifest.json") else export
@@ -175,7 +175,7 @@ def check_resumable(resume_dir: Path, plan: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from jobs.common.jobargs import add_config_args
+    from jobs.cli.args import add_config_args
 
     parser = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__.split("\n")[0])
     add_config_args(parser)
@@ -217,7 +217,7 @@ _TRAIN_FLAGS = ("model", "deepspeed_config", "epochs", "lr", "final_lr", "warmup
 
 def train_config(args: argparse.Namespace):
     """The `train:` section with every flag given on the command line applied over it."""
-    from jobs.common.jobargs import config_from_args
+    from jobs.cli.args import config_from_args
 
     cfg = config_from_args(args)
     overrides = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs.common import training
-    from jobs.common.tokenized import prepare_split
+    from jobs.training import recipe as training
+    from jobs.training.tokenized import prepare_split
 
     on_gpu = get_accelerator().device_name() != "cpu"
     if not on_gpu:

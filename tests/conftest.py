@@ -22,7 +22,7 @@ def spark_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def spark(spark_root) -> Iterator:
-    from jobs.common.spark import get_spark
+    from jobs.spark.session import get_spark
 
     session = get_spark("glan-tests", master="local[2]", shuffle_partitions=2, run_root=str(spark_root))
     yield session

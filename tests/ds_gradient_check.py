@@ -24,7 +24,7 @@ def make_examples(vocab: int, count: int):
     """Examples whose answers differ a lot in length, so that the weighting matters."""
     import torch
 
-    from jobs.common.training import join_prompt_answer
+    from jobs.training.recipe import join_prompt_answer
 
     generator = torch.Generator().manual_seed(7)
     examples = []
@@ -55,7 +55,7 @@ def main() -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from jobs.common import training
+    from jobs.training import recipe as training
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()

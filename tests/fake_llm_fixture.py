@@ -1,4 +1,4 @@
-"""The `fake_llm` fixture: a loopback OpenAI-compatible test server (udfs/fake_llm.py).
+"""The `fake_llm` fixture: a loopback OpenAI-compatible test server (udfs/servers/fake_llm.py).
 
 Use from a test module with `pytest_plugins = ["tests.fake_llm_fixture"]` (or list it in conftest).
 One server per test module; it is reset (records, rules, fault history) before every test.
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from udfs.fake_llm import FakeLLM
+from udfs.servers.fake_llm import FakeLLM
 
 
 @pytest.fixture(scope="module")

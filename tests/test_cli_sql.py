@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from jobs.common import cli
+from jobs.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_insert_overwrite_directory_from_the_shell_is_refused_as_the_last_line(r
     """The reported case, end to end in a fresh process: exit 2, and the table and its log survive."""
     before = files_of(run)
     query = f"INSERT OVERWRITE DIRECTORY '{run}/questions' USING parquet SELECT 1 AS x"
-    proc = subprocess.run([sys.executable, "-m", "jobs.common.cli", *glan_sql(run, query)], cwd=run.parent,
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli.main", *glan_sql(run, query)], cwd=run.parent,
                           capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     stderr = proc.stderr.decode()
     assert proc.returncode == 2, stderr

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from jobs.common.combinations import (
+from jobs.glan.combinations import (
     CombinationsConfig,
     combination_id,
     count_basic,

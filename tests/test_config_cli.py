@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from py4j.protocol import Py4JJavaError
 
-from jobs.common import cli
-from jobs.common.cli import format_table
-from jobs.common.config import load_config
-from jobs.common.errors import ConfigError
+from jobs.cli import main as cli
+from jobs.cli.output import format_table
+from jobs.config.loader import load_config
+from jobs.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ JVM_NOTICE = "WARNING: Using incubator modules"
 
 
 def glan(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "jobs.common.cli", *args], cwd=cwd, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli.main", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
     proc.stderr = "".join(line for line in proc.stderr.splitlines(keepends=True) if not line.startswith(JVM_NOTICE))
     return proc
@@ -84,9 +84,9 @@ def test_bad_set_is_exit_2_and_nothing_written(tmp_path, sets):
 def test_tables_and_sql_over_a_run(tmp_path):
     run = tmp_path / "run"
     setup = f"""
-from jobs.common.config import load_config
-from jobs.common.spark import get_spark
-from jobs.common.storage import append_missing
+from jobs.config.loader import load_config
+from jobs.spark.session import get_spark
+from jobs.storage.delta import append_missing
 cfg = load_config([], ["run_root={run}", "storage.backend=embedded"])
 spark = get_spark("t", master="local[1]", run_root=cfg.run_root)
 append_missing(spark.createDataFrame([("a", "Mathematics", 3), ("b", "Physics", 5)], "id string, discipline string, n int"), "topics", "id", cfg)
@@ -214,9 +214,9 @@ def test_a_python_worker_error_is_its_own_last_line(spark, monkeypatch, capsys):
 def test_tables_flags_missing_data_files_and_vacuum_removes_leftovers(tmp_path):
     run = tmp_path / "run"
     setup = f"""
-from jobs.common.config import load_config
-from jobs.common.spark import get_spark
-from jobs.common.storage import append_missing
+from jobs.config.loader import load_config
+from jobs.spark.session import get_spark
+from jobs.storage.delta import append_missing
 cfg = load_config([], ["run_root={run}", "storage.backend=embedded"])
 spark = get_spark("t", master="local[1]", run_root=cfg.run_root)
 append_missing(spark.createDataFrame([("a", 1), ("b", 2)], "id string, n int").repartition(2), "topics", "id", cfg)

@@ -3,6 +3,7 @@ flight when a run died (possibly paid, from the intents its tasks wrote before s
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,10 +11,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import functions as F
 
-from jobs.common.costs import Scope, usage_by_stage
-from jobs.common.llmstage import RESULT, run_llm_step, usage_columns
-from jobs.common.spool import INTENTS, _unanswered
-from jobs.common.storage import read_table
+from jobs.pipeline.costs import Scope, usage_by_stage
+from jobs.answers import ANSWERS
+from jobs.pipeline.llmstep import RESULT, run_llm_step, usage_columns
+from jobs.pipeline.spool import INTENTS, _unanswered
+from jobs.storage.delta import read_table
 from tests.test_spool import _key, answer_inputs, dead_run, make_cfg  # noqa: F401 - _key is an autouse fixture
 from udfs.llm_udf import llm_udf
 
@@ -29,12 +31,10 @@ def questions(spark, n: int):
 def answer_step(todo, cfg):
     """The answers stage's step on made-up questions (lineage columns left empty)."""
     empty = F.lit(None).cast("string")
-    return run_llm_step(
-        todo, stage="answers", prompt="answer", stage_llm=cfg.answers.llm, inputs=answer_inputs(), key="answer_id",
-        output="answers", output_key="answer_id", cfg=cfg,
-        to_output=lambda ok: ok.select("answer_id", "question_id", empty.alias("combination_id"),
-                                       empty.alias("syllabus_id"), empty.alias("subject_id"), "discipline_id",
-                                       F.col(RESULT)["text"].alias("answer"), *usage_columns(cfg.answers.llm)))
+    call = dataclasses.replace(ANSWERS, to_output=lambda ok, llm: ok.select(
+        "answer_id", "question_id", empty.alias("combination_id"), empty.alias("syllabus_id"),
+        empty.alias("subject_id"), "discipline_id", F.col(RESULT)["text"].alias("answer"), *usage_columns(llm)))
+    return run_llm_step(todo, call, stage="answers", cfg=cfg)
 
 
 def calls(usage, table=None) -> int:

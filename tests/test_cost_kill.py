@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.common.costs import usage_by_stage
-from jobs.common.pipeline import run_pipeline
+from jobs.pipeline.costs import usage_by_stage
+from jobs.pipeline.runner import run_pipeline
 from tests.test_pipeline import KILLED_RUN, REPO, make_cfg, settings
 from tests.test_spool import _key  # noqa: F401 - autouse fixture: the test key in the environment
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.common.config import load_config
-from jobs.common.costs import Price, estimate, load_prices, price_for, priced
+from jobs.config.loader import load_config
+from jobs.pipeline.costs import Price, estimate, load_prices, price_for, priced
 
 
 def test_cost_of_recorded_usage_uses_input_cached_and_output_prices():

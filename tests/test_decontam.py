@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, SHARED
-from jobs.common.config import load_config
-from jobs.common.errors import ConfigError, InputError
-from jobs.decontaminate import (CONTAMINATION_COLUMNS, build_benchmark_items, decontaminate, detect, run,
-                                staged_benchmark_items)
+from jobs.config.loader import load_config
+from jobs.errors import ConfigError, InputError
+from jobs.decontam.detect import (CONTAMINATION_COLUMNS, build_benchmark_items, decontaminate, detect,
+                                  staged_benchmark_items)
+from jobs.decontam.files import run
 
 sys.path.insert(0, str(REPO / "bench"))
 import decontam as synth  # noqa: E402  (the benchmark's deterministic pair generator)
@@ -34,7 +35,7 @@ def _clean_texts(rng: random.Random, num: int) -> list[tuple[str, str]]:
     """Generated-looking pairs: the test LLM server's prose when it is there, and real prose."""
     prose = synth.Prose(11)
     try:
-        from udfs.fake_llm import free_text
+        from udfs.servers.fake_llm import free_text
     except ImportError:  # the test server is another module's work; real prose alone will do
         free_text = None
     out = []
@@ -153,7 +154,7 @@ def test_results_are_identical_across_runs_and_partitionings(spark):
 
 
 def test_near_duplicate_clusters_keep_the_smallest_id(spark):
-    from jobs.decontaminate import connected_components
+    from jobs.decontam.detect import connected_components
 
     edges = spark.createDataFrame([("b", "c"), ("c", "d"), ("a", "d"), ("x", "y")], ["a", "b"])
     labels = dict(tuple(r) for r in connected_components(edges.repartition(3)).collect())
@@ -177,8 +178,8 @@ def test_config_values_are_checked():
 
 def _standalone_args(src, out, *extra: str) -> argparse.Namespace:
     """`glan decontaminate` arguments as the command line parses them."""
-    from jobs.common.jobargs import add_config_args
-    from jobs.decontaminate import add_arguments
+    from jobs.cli.args import add_config_args
+    from jobs.decontam.files import add_arguments
 
     parser = add_config_args(add_arguments(argparse.ArgumentParser()))
     return parser.parse_args(["--input", str(src), "--text-fields", "prompt,response", "--output", str(out),
@@ -188,7 +189,7 @@ def _standalone_args(src, out, *extra: str) -> argparse.Namespace:
 def test_standalone_command_writes_delta_tables_that_glan_sql_reads(spark, tmp_path, capsys):
     from deltalake import DeltaTable
 
-    from jobs.common.cli import main as glan
+    from jobs.cli.main import main as glan
 
     spec_items = build_benchmark_items(spark, _cfg("decontam.benchmarks=[gsm8k]")).limit(3).collect()
     rows = [{"prompt": "Tell me about the ocean and its tides in two short sentences.", "response": "Tides."},
@@ -228,7 +229,7 @@ GOOD = json.dumps({"prompt": "What is the capital of France?", "response": "Pari
     (["[1, 2]", GOOD], r"line 1 is not a JSON object"),
 ])
 def test_bad_input_records_stop_the_run_with_file_line_and_field(spark, tmp_path, capsys, lines, message):
-    from jobs.common.cli import main as glan
+    from jobs.cli.main import main as glan
 
     src = tmp_path / "data.jsonl"
     src.write_text("\n".join(lines) + "\n")
@@ -280,8 +281,9 @@ def test_benchmark_items_follow_the_files_and_are_rewritten_only_when_they_chang
     import gzip
     import shutil
 
-    from jobs.common.storage import get_storage
-    from jobs.instructions import _benchmark_items
+    from jobs.storage.delta import get_storage
+    from jobs.decontaminate import _benchmark_items
+    from jobs.pipeline.stage import StageContext
 
     bench = tmp_path / "benchmarks"
     bench.mkdir()
@@ -289,13 +291,13 @@ def test_benchmark_items_follow_the_files_and_are_rewritten_only_when_they_chang
     cfg = load_config(sets=[f"run_root={tmp_path / 'run'}", "storage.backend=embedded",
                             f"decontam.benchmarks_dir={bench}", "decontam.benchmarks=[gsm8k]"])
     storage = get_storage(spark, cfg)
-    first = _benchmark_items(spark, cfg).count()
+    first = _benchmark_items(StageContext("decontaminate", spark, cfg)).count()
     assert first > 1000 and storage.info("benchmark_items").version == 0
-    _benchmark_items(spark, cfg)
+    _benchmark_items(StageContext("decontaminate", spark, cfg))
     assert storage.info("benchmark_items").version == 0  # same files: not rewritten
     records = gzip.decompress((bench / "gsm8k.jsonl.gz").read_bytes()).splitlines()[:10]
     (bench / "gsm8k.jsonl.gz").write_bytes(gzip.compress(b"\n".join(records) + b"\n"))
-    assert _benchmark_items(spark, cfg).count() == 10  # same name, new content: rebuilt
+    assert _benchmark_items(StageContext("decontaminate", spark, cfg)).count() == 10  # same name, new content: rebuilt
     assert storage.info("benchmark_items").version == 1
     assert list((tmp_path / "run" / "_scratch").iterdir()) == []
 

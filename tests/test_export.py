@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.common.export_config import ExportConfig, TrainConfig
+from jobs.config.export import ExportConfig, TrainConfig
 from jobs.export import SHARD_SCHEMA, build_messages, num_shards_for, parse_args, shard_of
 
 # Disciplines of different sizes: two are smaller than twice the held-out quota.
@@ -211,7 +211,7 @@ def test_config_errors_name_the_field(cls, kwargs, starts):
 
 
 def test_config_defaults_are_the_papers():
-    from jobs.common.config import load_config
+    from jobs.config.loader import load_config
 
     cfg = load_config()
     assert cfg.export.heldout_per_discipline == 50

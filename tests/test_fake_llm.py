@@ -12,8 +12,8 @@ import time
 import httpx2
 import pytest
 
-from udfs.fake_llm import FakeLLM, free_text, instance
-from udfs.structured import validate
+from udfs.servers.fake_llm import FakeLLM, free_text, instance
+from udfs.llm.structured import validate
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 
@@ -82,10 +82,10 @@ def test_instance_respects_array_bounds():
 
 
 def test_registered_call_without_response_format_gets_fenced_json(fake_llm, monkeypatch):
-    from udfs import schemas
+    from udfs.llm import schemas
 
     monkeypatch.setitem(schemas.SCHEMAS, "listing", SCHEMAS[0])
-    monkeypatch.setattr("udfs.fake_llm.SCHEMAS", schemas.SCHEMAS)
+    monkeypatch.setattr("udfs.servers.fake_llm.SCHEMAS", schemas.SCHEMAS)
     text = chat(fake_llm.url, "x", kind="listing").json()["choices"][0]["message"]["content"]
     assert "```json" in text
     body = text.split("```json")[1].split("```")[0]
@@ -174,7 +174,7 @@ async def _hammer(url: str, total: int, in_flight: int) -> float:
 
 
 def _serve(*args: str) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-m", "udfs.fake_llm", "--port", "0", "--no-record", *args],
+    process = subprocess.Popen([sys.executable, "-m", "udfs.servers.fake_llm", "--port", "0", "--no-record", *args],
                                stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     assert line.startswith("fake-llm listening on "), line

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from udfs import schemas
-from udfs.client import CALL_HEADER, CallSpec, LLMClient, LLMRequest, redact
-from udfs.llm_config import LLMConfig, StageLLMConfig
-from udfs.prompts import load_prompt
+from udfs.llm import schemas
+from udfs.llm.client import CALL_HEADER, CallSpec, LLMClient, LLMRequest, redact
+from udfs.llm.config import LLMConfig, StageLLMConfig
+from udfs.llm.prompts import load_prompt
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 

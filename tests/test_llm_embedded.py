@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from jobs.common.config import ConfigError, load_config
-from udfs import embedded
-from udfs.embedded import SLOTS_PER_THREAD, ServerPlan, plan_servers, server_args, usable_cores
-from udfs.llm_config import EmbeddedEndpointConfig, LLMConfig, StageLLMConfig
+from jobs.config.loader import ConfigError, load_config
+from udfs.servers import embedded
+from udfs.servers.embedded import SLOTS_PER_THREAD, ServerPlan, plan_servers, server_args, usable_cores
+from udfs.llm.config import EmbeddedEndpointConfig, LLMConfig, StageLLMConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +68,7 @@ def test_usable_cores_follow_the_affinity_mask_not_the_host():
 def test_the_server_child_gets_its_plan_and_this_process_as_its_parent(tmp_path):
     plan = ServerPlan(servers=1, threads=2, slots=16, ctx_per_slot=4096)
     args = server_args(plan, EmbeddedEndpointConfig(repeat_penalty=1.1), tmp_path / "m.gguf", "127.0.0.1")
-    assert args[:3] == [sys.executable, "-m", "udfs.embedded"]
+    assert args[:3] == [sys.executable, "-m", "udfs.servers.embedded"]
     flags = dict(zip(args[3::2], args[4::2]))
     assert flags == {"--model": str(tmp_path / "m.gguf"), "--host": "127.0.0.1", "--threads": "2", "--slots": "16",
                      "--ctx-per-slot": "4096", "--repeat-penalty": "1.1", "--parent-pid": str(os.getpid())}
@@ -111,9 +111,9 @@ def test_a_missing_model_path_is_named(tmp_path):
 @pytest.mark.timeout(180)
 @needs_model
 def test_embedded_endpoint_answers_chat_and_json_schema_then_stops():
-    from udfs.client import CallSpec, LLMClient, LLMRequest
-    from udfs.embedded import embedded_endpoint
-    from udfs.prompts import Prompt, load_prompt
+    from udfs.llm.client import CallSpec, LLMClient, LLMRequest
+    from udfs.servers.embedded import embedded_endpoint
+    from udfs.llm.prompts import Prompt, load_prompt
 
     cfg = EmbeddedEndpointConfig(n_ctx=2048, servers=1, n_threads=1, slots=4)
     with embedded_endpoint(cfg) as endpoint:
@@ -149,7 +149,7 @@ def test_embedded_endpoint_answers_chat_and_json_schema_then_stops():
 @pytest.mark.timeout(180)
 @needs_model
 def test_several_servers_each_answer_parallel_requests():
-    from udfs.embedded import embedded_endpoint
+    from udfs.servers.embedded import embedded_endpoint
 
     def ask(url: str) -> float:
         body = {"messages": [{"role": "user", "content": "Count to twenty."}], "max_tokens": 48, "temperature": 0}
@@ -173,8 +173,8 @@ def test_several_servers_each_answer_parallel_requests():
 def test_embedded_server_dies_with_a_killed_parent():
     script = (
         "import time\n"
-        "from udfs.embedded import embedded_endpoint\n"
-        "from udfs.llm_config import EmbeddedEndpointConfig\n"
+        "from udfs.servers.embedded import embedded_endpoint\n"
+        "from udfs.llm.config import EmbeddedEndpointConfig\n"
         "with embedded_endpoint(EmbeddedEndpointConfig(n_ctx=1024, servers=1, n_threads=1, slots=2)) as e:\n"
         "    print(e.base_url, e.processes[0].pid, flush=True)\n"
         "    time.sleep(600)\n"

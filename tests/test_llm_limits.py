@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from udfs.limits import AdaptiveLimiter, TokenBucket, per_task_buckets
+from udfs.llm.limits import AdaptiveLimiter, TokenBucket, per_task_buckets
 
 
 def test_a_burst_of_429s_halves_the_limit_once():

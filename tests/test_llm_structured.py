@@ -8,8 +8,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from udfs.prompts import Prompt, load_prompt
-from udfs.structured import check_schema, coerce_to_schema, extract_json, parse_output, validate
+from udfs.llm.prompts import Prompt, load_prompt
+from udfs.llm.structured import check_schema, coerce_to_schema, extract_json, parse_output, validate
 
 TEST_PROMPTS = Path(__file__).parent / "prompts_llm"
 
@@ -166,7 +166,7 @@ def test_repair_prompt_carries_output_error_and_schema():
 
 
 def test_every_registered_schema_bounds_its_arrays():
-    from udfs.schemas import SCHEMAS, unbounded_arrays
+    from udfs.llm.schemas import SCHEMAS, unbounded_arrays
 
     for call, schema in SCHEMAS.items():
         assert unbounded_arrays(schema) == [], f"{call}: give these arrays maxItems"

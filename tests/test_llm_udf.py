@@ -7,9 +7,9 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from udfs.llm_config import LLMConfig, StageLLMConfig
+from udfs.llm.config import LLMConfig, StageLLMConfig
 from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf
-from udfs.prompts import load_prompt
+from udfs.llm.prompts import load_prompt
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 

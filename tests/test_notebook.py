@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.common.config import load_config
-from jobs.common.pipeline import run_pipeline
+from jobs.config.loader import load_config
+from jobs.pipeline.runner import run_pipeline
 from tests.taxonomies import TWO_DISCIPLINES as TAXONOMY
 
 nbformat = pytest.importorskip("nbformat")

@@ -12,8 +12,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-from jobs.common.package import build_pyfiles
-from jobs.common.pipeline import STAGES
+from jobs.spark.package import build_pyfiles
+from jobs.pipeline.stage import stages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_pyfiles_zip_holds_packages_templates_and_conf(tmp_path):
     first = build_pyfiles(tmp_path / "a")
     names = set(zipfile.ZipFile(first).namelist())
-    assert {"jobs/__init__.py", "jobs/common/storage.py", "udfs/__init__.py", "conf/base.yaml"} <= names
+    assert {"jobs/__init__.py", "jobs/storage/delta.py", "udfs/__init__.py", "conf/base.yaml"} <= names
     assert not any("__pycache__" in n for n in names)
     second = build_pyfiles(tmp_path / "b")
     assert first.read_bytes() == second.read_bytes()  # reproducible: same sources, same bytes
@@ -78,7 +78,7 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_the_main_job_imports_no_training_package():
-    modules = ["jobs.common.cli", "jobs.common.pipeline", "udfs.embedded"] + [module for _, module in STAGES]
+    modules = ["jobs.cli.main", "jobs.pipeline.runner", "udfs.servers.embedded"] + [stage.module for stage in stages()]
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"

@@ -17,10 +17,11 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from jobs.common.combinations import count_basic, count_challenging
-from jobs.common.config import load_config
-from jobs.common.pipeline import EXIT_FAILED_CALLS, run_pipeline
-from jobs.common.storage import read_table
+from jobs.glan.combinations import count_basic, count_challenging
+from jobs.config.loader import load_config
+from jobs.errors import EXIT_FAILED_CALLS
+from jobs.pipeline.runner import run_pipeline
+from jobs.storage.delta import read_table
 from tests.taxonomies import TWO_DISCIPLINES as TAXONOMY
 
 pytest_plugins = ["tests.fake_llm_fixture"]
@@ -101,8 +102,8 @@ def test_end_to_end_rows_calls_lineage_and_resume(spark, fake_llm, tmp_path):
     assert row["prompt_name"] == "answer" and len(row["prompt_version"]) > 0 and row["completion_tokens"] > 0
 
     # Usage recorded on the rows is exactly what the endpoint served, and `glan status` agrees.
-    from jobs.common.costs import usage_by_stage
-    from jobs.common.status import stage_status
+    from jobs.pipeline.costs import usage_by_stage
+    from jobs.cli.status import stage_status
 
     served = fake_llm.stats()["tokens"]
     usage = usage_by_stage(spark, cfg)
@@ -156,7 +157,7 @@ def test_garbage_and_empty_lists_fill_failures_then_a_rerun_retries_only_them(sp
     answer_failure = failures.filter("stage = 'answers'").first()
     assert (answer_failure["error_class"], answer_failure["attempts"]) == ("auth", 1)  # a 401 is not retried
     # The key the server echoed is in no table, no cell of any column.
-    from jobs.common.storage import get_storage
+    from jobs.storage.delta import get_storage
     storage = get_storage(spark, cfg)
     for name in storage.list_tables():
         frame = storage.read(name)
@@ -164,7 +165,7 @@ def test_garbage_and_empty_lists_fill_failures_then_a_rerun_retries_only_them(sp
         assert text.filter(F.col("t").contains("sk-test-key")).count() == 0, name
     assert not table_exists(spark, cfg, "answers")  # nothing half written
     # Failed calls were paid for: their tokens are in `failed_calls`, so the usage adds up to what was served.
-    from jobs.common.costs import usage_by_stage
+    from jobs.pipeline.costs import usage_by_stage
     served = fake_llm.stats()["tokens"]
     usage = usage_by_stage(spark, cfg)
     assert sum(u["prompt_tokens"] for u in usage) == served["prompt"] > 0
@@ -189,14 +190,15 @@ def test_garbage_and_empty_lists_fill_failures_then_a_rerun_retries_only_them(sp
 
 
 def table_exists(spark, cfg, name):
-    from jobs.common.storage import table_exists as exists
+    from jobs.storage.delta import table_exists as exists
     return exists(spark, name, cfg)
 
 
 KILLED_RUN = """
 import sys
-from jobs.common.config import load_config
-from jobs.common.pipeline import EXIT_FAILED_CALLS, run_pipeline
+from jobs.config.loader import load_config
+from jobs.errors import EXIT_FAILED_CALLS
+from jobs.pipeline.runner import run_pipeline
 cfg = load_config([], sys.argv[1:])
 run_pipeline(cfg)
 """
@@ -251,7 +253,7 @@ def test_run_killed_in_the_questions_stage_resumes_without_paying_twice(spark, f
     spooled = {k: v for k, v in spooled_rows(spool).items() if k not in committed}
     assert spooled, "the kill came between a commit and the next spooled task; nothing to recover"
     assert set(spooled.items()) <= expected  # the spool holds the very answers the calls returned
-    from jobs.common.status import stage_status
+    from jobs.cli.status import stage_status
     status = {r["stage"]: r for r in stage_status(spark, cfg)}
     assert status["questions"]["spooled"] >= len(spooled) > 0  # `glan status` shows the paid, uncommitted rows
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.common.config import load_config
-from jobs.common.pipeline import run_pipeline
-from jobs.common.storage import KILL_AFTER_COMMIT_ENV, get_storage
+from jobs.config.loader import load_config
+from jobs.pipeline.runner import run_pipeline
+from jobs.storage.delta import KILL_AFTER_COMMIT_ENV, get_storage
 from tests.taxonomies import TWO_DISCIPLINES
 from tests.test_pipeline import settings as pipeline_settings
 
@@ -28,8 +28,8 @@ VOLATILE = {"created_at", "latency_s", "failed_at", "cached_tokens"}
 
 RUN = """
 import sys
-from jobs.common.config import load_config
-from jobs.common.pipeline import run_pipeline
+from jobs.config.loader import load_config
+from jobs.pipeline.runner import run_pipeline
 sys.exit(run_pipeline(load_config([], sys.argv[1:])))
 """
 
@@ -120,7 +120,7 @@ def test_a_slice_killed_after_its_conversions_is_finished_by_the_next_run(spark,
     assert fake_llm.count(kind="subjects_list") == lists  # the conversions it had are not asked again
     for name in ("subjects", "syllabi", "sessions", "concept_combinations", "questions", "answers"):
         assert storage.read(name).filter(F.col("discipline_id") == logic).count() > 0, name
-    from jobs.common.status import stage_status
+    from jobs.cli.status import stage_status
 
     assert all(row["to_do"] == 0 for row in stage_status(spark, logic_cfg)), stage_status(spark, logic_cfg)
 
@@ -193,7 +193,7 @@ def test_the_same_slice_twice_on_a_fresh_root_says_already_running(fake_llm, tmp
 
 
 def test_failed_calls_make_the_run_exit_3_unless_within_the_allowed_share(fake_llm, tmp_path, taxonomy):
-    from jobs.common.pipeline import EXIT_FAILED_CALLS
+    from jobs.errors import EXIT_FAILED_CALLS
 
     fake_llm.add_rule(kind="subjects_convert", contains="Logic", status=400)  # 2 of 8 calls fail
     strict = load_config([], settings(tmp_path / "strict", taxonomy, fake_llm.url))

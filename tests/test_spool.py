@@ -16,11 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.common.config import load_config
-from jobs.common.errors import GlanError
-from jobs.common.llmstage import RESULT, _is_failure, run_llm_step
-from jobs.common.spool import _HEARTBEAT, OWNER, Spool, owner_is_dead, spool_by_stage
-from jobs.common.storage import read_table
+from jobs.config.loader import load_config
+from jobs.errors import GlanError
+from jobs.pipeline.llmstep import RESULT, _is_failure, run_llm_step
+from jobs.pipeline.stage import LLMCall
+from jobs.pipeline.spool import Spool, spool_by_stage
+from jobs.storage.owners import HEARTBEATS, OWNER, owner_is_dead
+from jobs.storage.delta import read_table
 from udfs.llm_udf import llm_udf
 
 pytest_plugins = ["tests.fake_llm_fixture"]
@@ -47,13 +49,18 @@ def questions(spark, n: int):
     return spark.createDataFrame(rows, "discipline_id string, question_id string, question string")
 
 
+# The answer call on made-up questions, into a table of its own (rows: the todo the tests pass in).
+TEST_CALL = LLMCall(
+    prompt="answer", llm=lambda cfg: cfg.answers.llm, rows=lambda ctx: None, inputs=("question",),
+    constants=lambda cfg: {"system_prompt": ""},
+    key="question_id", output="t_answers", output_key="answer_id", volume=lambda v: 0,
+    to_output=lambda ok, llm: ok.select(F.col("question_id").alias("answer_id"),
+                                        F.col(RESULT)["text"].alias("answer"),
+                                        F.col(RESULT)["prompt_version"].alias("prompt_version")))
+
+
 def step(todo, cfg, scope=None):
-    return run_llm_step(
-        todo, stage="test", prompt="answer", stage_llm=cfg.answers.llm, inputs=answer_inputs(), key="question_id",
-        output="t_answers", output_key="answer_id", cfg=cfg, scope=scope,
-        to_output=lambda ok: ok.select(F.col("question_id").alias("answer_id"),
-                                       F.col(RESULT)["text"].alias("answer"),
-                                       F.col(RESULT)["prompt_version"].alias("prompt_version")))
+    return run_llm_step(todo, TEST_CALL, stage="test", cfg=cfg, scope=scope)
 
 
 def exited_pid() -> int:
@@ -66,7 +73,7 @@ def dead_run(spark, cfg, name="dead-run", stage="test", output="t_answers") -> S
     """The spool of another run that is gone: a process on this host that no longer exists."""
     spool = Spool(spark, cfg, stage, output, run_id=name)
     spool._ensure_open()
-    _HEARTBEAT.discard(spool.uri)  # its heart stopped
+    HEARTBEATS.discard(spool.uri)  # its heart stopped
     owner = json.loads(Path(spool.uri, OWNER).read_text())
     Path(spool.uri, OWNER).write_text(json.dumps({**owner, "pid": exited_pid()}))
     return spool

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs.common.config import load_config
-from jobs.common.pipeline import run_pipeline
-from jobs.common.status import main as status_main
-from jobs.common.status import stage_status, table_health
-from jobs.common.storage import append_missing, get_storage
+from jobs.config.loader import load_config
+from jobs.pipeline.runner import run_pipeline
+from jobs.cli.status import main as status_main
+from jobs.cli.status import stage_status
+from jobs.cli.tables import table_health
+from jobs.storage.delta import append_missing, get_storage
 from tests.taxonomies import TWO_DISCIPLINES
 
 pytest_plugins = ["tests.fake_llm_fixture"]

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from jobs.common.config import load_config
-from jobs.common.errors import ConflictError, GlanError, SchemaMismatchError, TableNotFoundError
-from jobs.common.storage import WRITES_DIR, EmbeddedDeltaStorage, differing_values, get_storage
+from jobs.config.loader import load_config
+from jobs.errors import ConflictError, GlanError, SchemaMismatchError, TableNotFoundError
+from jobs.storage.delta import WRITES_DIR, EmbeddedDeltaStorage, differing_values, get_storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,9 +118,9 @@ def _run_script(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
 
 SCRIPT_HEAD = """
     import os, sys, signal, time
-    from jobs.common.config import load_config
-    from jobs.common.spark import get_spark
-    from jobs.common.storage import get_storage
+    from jobs.config.loader import load_config
+    from jobs.spark.session import get_spark
+    from jobs.storage.delta import get_storage
     cfg = load_config([], ["run_root={root}", "storage.backend=embedded"])
     spark = get_spark("t", master="local[1]", shuffle_partitions=1, run_root="{scratch}")
     st = get_storage(spark, cfg)
@@ -347,7 +347,7 @@ def test_the_next_write_of_a_table_removes_its_leftovers(spark, cfg, tmp_path):
     storage.append_missing(frame(spark, [("a", "1")]), "leftovers", "item")
     dead = leftover(storage, "d" * 16, age_s=7200, name="leftovers")
     EmbeddedDeltaStorage(spark, cfg)  # a new run: a new process in real life
-    from jobs.common import storage as module
+    from jobs.storage import delta as module
 
     module._CLEANED.clear()
     storage.append_missing(frame(spark, [("b", "2")]), "leftovers", "item")

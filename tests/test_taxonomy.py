@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.common.config import load_config
-from jobs.common.errors import ConfigError, InputError
-from jobs.common.taxonomy import (
+from jobs.config.loader import load_config
+from jobs.errors import ConfigError, InputError
+from jobs.glan.taxonomy import (
     PROPOSE_SCHEMA,
     CandidateNode,
     Taxonomy,
@@ -316,7 +316,7 @@ def test_propose_prompt_is_rendered_exactly():
 
 @pytest.mark.parametrize("field_names", [[], ["Academic-Humanities", "Industry-Services"]])
 def test_the_llm_clients_prompt_loader_renders_the_same_text(field_names):
-    prompts = pytest.importorskip("udfs.prompts")
+    prompts = pytest.importorskip("udfs.llm.prompts")
     messages = prompts.load_prompt("taxonomy_propose").render(**propose_prompt_variables("Do it.", field_names))
     assert messages == [{"role": "user", "content": render_propose_prompt("Do it.", field_names)}]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from jobs.common.taxonomy import load_taxonomy
+from jobs.glan.taxonomy import load_taxonomy
 from jobs.taxonomy import main
 from tests.taxonomies import TWO_DISCIPLINES as TAXONOMY
 

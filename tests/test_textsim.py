@@ -8,7 +8,7 @@ import pytest
 from datasketch import MinHash
 from datasketch.lsh import _optimal_param
 
-from jobs.common import textsim as ts
+from jobs.decontam import textsim as ts
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.common.training import (
+from jobs.training.recipe import (
     IGNORE_INDEX,
     PLAIN_PROMPT,
     Example,
@@ -245,7 +245,7 @@ COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "b
 
 @pytest.fixture(scope="module")
 def tiny_export(spark, tmp_path_factory) -> Path:
-    from jobs.common.export_config import ExportConfig
+    from jobs.config.export import ExportConfig
     from jobs.export import build_export
 
     rows = [(f"id-{i:04d}", "Academic-Natural Science", f"Discipline {i % 3}", "Colours", "school",
@@ -304,7 +304,7 @@ def shard_pairs(export: Path) -> tuple[list[str], list[str]]:
 
 
 def prepare(export: Path | str, cache: Path, tokenizer, **kwargs):
-    from jobs.common.tokenized import prepare_split
+    from jobs.training.tokenized import prepare_split
     from jobs.train import load_manifest
 
     manifest, root = load_manifest(str(export))
@@ -314,7 +314,7 @@ def prepare(export: Path | str, cache: Path, tokenizer, **kwargs):
 
 def counting_tokenizer(monkeypatch) -> list[int]:
     """Counts the shards tokenised from now on."""
-    from jobs.common import tokenized
+    from jobs.training import tokenized
 
     calls: list[int] = []
     real = tokenized.tokenize_shard
@@ -335,7 +335,7 @@ def test_tokenised_split_matches_pairwise_encoding_and_is_memory_mapped(tiny_exp
     assert data.label_counts()[0] == len(first) - first.labels.count(IGNORE_INDEX)
     through_uri = prepare(f"file://{tiny_export}", tmp_path / "uri", tokenizer)  # how s3:// etc. are read
     assert through_uri.lengths.tolist() == data.lengths.tolist()
-    from jobs.common.tokenized import prepare_split
+    from jobs.training.tokenized import prepare_split
 
     nothing = prepare_split({"shards": [], "splits": {}}, str(tiny_export), "test", tokenizer, max_len=64,
                             system_prompt=None, cache_root=tmp_path)
@@ -451,7 +451,7 @@ def test_cpu_smoke_run_learns_saves_and_resumes(tiny_export, tiny_model, tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(hf)
     assert model.config.num_hidden_layers == 2 and tokenizer.chat_template == CHAT_TEMPLATE
     # The recorded held-out loss is the reloaded model's token mean over the whole test split.
-    from jobs.common.tokenized import prepare_split
+    from jobs.training.tokenized import prepare_split
     from jobs.train import load_manifest
 
     manifest, root = load_manifest(str(tiny_export))

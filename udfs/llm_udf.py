@@ -32,11 +32,11 @@ from pyspark.sql.types import (
     StructType,
 )
 
-from udfs.client import RESULT_FIELDS, CallSpec, LLMClient, LLMRequest, estimate_prompt_tokens
-from udfs.llm_config import LLMConfig, StageLLMConfig
-from udfs.prompts import Prompt, load_prompt
-from udfs.schemas import schema_for
-from udfs.structured import check_schema
+from udfs.llm.client import RESULT_FIELDS, CallSpec, LLMClient, LLMRequest, estimate_prompt_tokens
+from udfs.llm.config import LLMConfig, StageLLMConfig
+from udfs.llm.prompts import Prompt, load_prompt
+from udfs.llm.schemas import schema_for
+from udfs.llm.structured import check_schema
 
 log = logging.getLogger("glan.llm")
 
@@ -135,7 +135,7 @@ def llm_udf(
     """A function `(*columns, seed=None, note=()) -> Column` that calls the LLM once per row.
 
     `prompt` is a Prompt or the name of `prompts/<name>.j2`; `schema` defaults to the call's entry
-    in udfs/schemas.py (None: free text). Templates and schema are read here, on the driver, and
+    in udfs/llm/schemas.py (None: free text). Templates and schema are read here, on the driver, and
     shipped in the closure; the API key is not (the client reads it inside the task).
     `base_url` overrides llm.base_url: the embedded endpoint's address, or a list of addresses
     (several embedded servers), one per task by partition id. `intents` (shipped to the tasks, so

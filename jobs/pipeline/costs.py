@@ -1,0 +1,176 @@
+"""Tokens and money by stage and model, from the usage every LLM output row records, priced with
+`conf/prices.yaml`; and the projection of a full run from the config, before anything is spent
+(`glan cost`, `glan cost --estimate`, `glan status`).
+
+Calls are counted where their usage is: the committed rows (`table` = the output table), calls that
+failed (`failed_calls`), results a run paid for and spooled but has not committed (`spool`), and
+calls that were sent but whose answers never came back because their run or task died (`in flight`,
+from the intents in the spool, or once the next run has recorded them, `failed_calls (in flight)`):
+possibly paid, with estimated prompt tokens and no completion tokens. `--disciplines` limits every
+figure to some disciplines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any
+
+import yaml
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from jobs.config.files import find_conf_file
+from jobs.config.loader import GlanConfig
+from jobs.errors import ConfigError
+from jobs.glan.taxonomy import load_taxonomy
+from jobs.pipeline.slices import selected_disciplines
+from jobs.pipeline.spool import IN_FLIGHT, SpoolState, spool_state
+from jobs.pipeline.stage import Stage, StageContext, Volume, call_keys, llm_tables, stages
+from jobs.storage.delta import get_storage
+
+IN_FLIGHT_NOTE = ("in flight: calls sent when their run or task died, whose answers never came back; possibly "
+                  "paid. Their prompt tokens are estimates (about 4 characters a token), completion tokens unknown.")
+
+
+@dataclass(frozen=True)
+class Price:
+    input: float
+    cached_input: float
+    output: float
+
+    def cost(self, prompt: int, cached: int, completion: int) -> float:
+        return ((prompt - cached) * self.input + cached * self.cached_input + completion * self.output) / 1e6
+
+
+def load_prices(path: str = "prices.yaml") -> tuple[dict[str, Price], dict[str, Any]]:
+    source = find_conf_file(path)
+    data = yaml.safe_load(source.read_text()) or {}
+    prices = {}
+    for model, values in (data.get("models") or {}).items():
+        try:
+            prices[model] = Price(float(values["input"]), float(values.get("cached_input", values["input"])),
+                                  float(values["output"]))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{path}: models.{model} needs numbers input, output (and cached_input)") from None
+    return prices, data.get("estimate") or {}
+
+
+def price_for(prices: dict[str, Price], model: str | None) -> Price | None:
+    """Exact name first, then the longest configured name the model starts with
+    (`gpt-4o-2024-08-06` is priced as `gpt-4o`)."""
+    if model is None:
+        return None
+    if model in prices:
+        return prices[model]
+    matches = [name for name in prices if model.startswith(name)]
+    return prices[max(matches, key=len)] if matches else None
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The disciplines figures are limited to: their ids, and the (stage, row_key) of their calls
+    (`failures` and `failed_calls` carry only the key of a call, not its discipline)."""
+
+    ids: list[str]
+    calls: DataFrame
+
+
+def discipline_scope(spark, cfg: GlanConfig, names: Sequence[str] | None,
+                     declared: Sequence[Stage]) -> Scope | None:
+    """`names`, else taxonomy.disciplines; None when neither is set (then every row counts, also rows
+    of disciplines no longer in the taxonomy). The call keys are each declared call's rows in the
+    slice, derived as the stage derives them."""
+    if not (names or cfg.taxonomy.disciplines):
+        return None
+    ids = [r["discipline_id"] for r in selected_disciplines(spark, cfg, names).select("discipline_id").collect()]
+    frames = [call_keys(StageContext(stage.name, spark, cfg, names), stage, todo=False)
+              .select(F.lit(stage.name).alias("stage"), "row_key") for stage in declared if stage.calls]
+    if not frames:
+        return Scope(ids, spark.createDataFrame([], "stage string, row_key string"))
+    return Scope(ids, reduce(DataFrame.unionByName, frames))
+
+
+def usage_by_stage(spark, cfg: GlanConfig, scope: Scope | None = None, spool: SpoolState | None = None,
+                   declared: Sequence[Stage] | None = None) -> list[dict[str, Any]]:
+    """One row per (stage, table, model): calls and token sums, of every call paid for or possibly
+    paid (see the module's doc), limited to `scope` when given. `spool`: its state, when already
+    read; `declared`: the stages (default: every stage in jobs/)."""
+    storage = get_storage(spark, cfg)
+    rows = []
+    for stage, tables in llm_tables(stages() if declared is None else declared).items():
+        for name in tables:
+            if not storage.exists(name):
+                continue
+            frame = storage.read(name)
+            if scope is not None:
+                frame = frame.filter(F.col("discipline_id").isin(scope.ids))
+            for r in _usage_sums(frame, "model"):
+                rows.append({"stage": stage, "table": name, **r.asDict()})
+    if storage.exists("failed_calls"):  # calls that failed were paid for too
+        frame = storage.read("failed_calls")
+        if scope is not None:
+            frame = frame.join(scope.calls, ["stage", "row_key"], "left_semi")
+        table = F.when(F.col("error_class") == IN_FLIGHT, "failed_calls (in flight)").otherwise("failed_calls")
+        for r in _usage_sums(frame.withColumn("table", table), "stage", "table", "model"):
+            rows.append(r.asDict())
+    if spool is None:
+        spool = spool_state(cfg, None if scope is None else scope.ids)
+    rows.extend({**row, "table": {"spooled": "spool", "in flight": "spool (in flight)"}[row["table"]]}
+                for row in spool.usage)
+    return rows
+
+
+def _usage_sums(frame, *by: str) -> list:
+    return frame.groupBy(*by).agg(
+        F.count("*").alias("calls"),
+        F.coalesce(F.sum("prompt_tokens"), F.lit(0)).alias("prompt_tokens"),
+        F.coalesce(F.sum("cached_tokens"), F.lit(0)).alias("cached_tokens"),
+        F.coalesce(F.sum("completion_tokens"), F.lit(0)).alias("completion_tokens"),
+    ).collect()
+
+
+def priced(rows: list[dict[str, Any]], prices: dict[str, Price]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        price = price_for(prices, row["model"])
+        cost = price.cost(row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) if price else None
+        out.append({**row, "usd": None if cost is None else round(cost, 4)})
+    return out
+
+
+def volume(cfg: GlanConfig, assumptions: dict[str, Any]) -> Volume:
+    """What a full run of the configured slice makes: disciplines, samples, subjects and questions."""
+    taxonomy = load_taxonomy(cfg.taxonomy.path())
+    if cfg.taxonomy.disciplines:
+        taxonomy = taxonomy.select(cfg.taxonomy.disciplines)
+    disciplines = len(taxonomy.disciplines())
+    samples = cfg.subjects.samples_per_discipline
+    subjects = min(int(assumptions.get("unique_subjects_per_discipline", 150)),
+                   samples * cfg.subjects.max_subjects_per_sample) * disciplines
+    return Volume(disciplines=disciplines, samples_per_discipline=samples, subjects=subjects,
+                  questions=subjects * cfg.combinations.questions_per_syllabus)
+
+
+def estimate(cfg: GlanConfig, assumptions: dict[str, Any], prices: dict[str, Price],
+             declared: Sequence[Stage] | None = None) -> list[dict[str, Any]]:
+    """Calls, tokens and money of a full run of the configured slice, before anything is spent:
+    each declared call's calls (`LLMCall.volume`) with its model and the assumed tokens per call."""
+    made = volume(cfg, assumptions)
+    plan = [(stage.name, call.prompt, call.llm(cfg).model, call.volume(made))
+            for stage in (stages() if declared is None else declared) for call in stage.calls]
+    tokens = assumptions.get("tokens") or {}
+    cached_share = assumptions.get("cached_share") or {}
+    rows = []
+    for stage, call, model, calls in plan:
+        per_call = tokens.get(call) or {"prompt": 0, "completion": 0}
+        prompt = calls * int(per_call.get("prompt", 0))
+        completion = calls * int(per_call.get("completion", 0))
+        cached = int(prompt * float(cached_share.get(call, 0.0)))
+        price = price_for(prices, model)
+        cost = price.cost(prompt, cached, completion) if price else None
+        rows.append({"stage": stage, "call": call, "model": model, "calls": calls, "prompt_tokens": prompt,
+                     "cached_tokens": cached, "completion_tokens": completion,
+                     "usd": None if cost is None else round(cost, 2)})
+    return rows

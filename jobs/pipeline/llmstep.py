@@ -1,0 +1,288 @@
+"""What every LLM stage does the same way: cut the work into tasks and commits, call the LLM once
+per row, write the answers, and keep the `failures` table true.
+
+A stage declares each call (`jobs.pipeline.stage.LLMCall`: the rows it asks about, the prompt and
+the columns the prompt reads, and a function that turns successful rows into output rows) and
+`ask`s it; its to-do rows are its rows minus the keys already in its output. The work is
+split into chunks of about `pipeline.commit_every_rows` rows; each chunk is one Spark job whose
+tasks write their results to the step's spool (`jobs.pipeline.spool`) as soon as their calls are
+done; the driver then commits the chunk from the spool to the output table and `failures`. A
+killed run loses only the calls in flight: the rerun first commits what the spool holds, then asks
+for the rest. Each task batch notes its calls in the spool before sending them, so the calls in
+flight at a kill (or in a task attempt Spark retried) go to `failed_calls` as `in_flight`, with
+estimated prompt tokens: paid for, maybe, and counted by `glan cost`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from jobs.config.loader import GlanConfig
+from jobs.pipeline.keys import stable_id
+from jobs.pipeline.progress import Progress
+from jobs.pipeline.spool import IN_FLIGHT, Spool
+from jobs.pipeline.stage import LLMCall, StageContext
+from jobs.storage.delta import append_missing, get_storage
+from jobs.storage.tables import FAILURES
+from udfs.llm.config import StageLLMConfig
+from udfs.llm.prompts import load_prompt
+from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf
+
+log = logging.getLogger(__name__)
+
+RESULT = "_out"
+_CHUNK = "_chunk"
+_SALT = "_salt"
+
+
+def usage_columns(stage_llm: StageLLMConfig) -> list[Column]:
+    """The tables.USAGE_FIELDS of one call, from its result struct and the stage's settings."""
+    out = F.col(RESULT)
+    return [
+        out["model"].alias("model"),
+        out["prompt_name"].alias("prompt_name"),
+        out["prompt_version"].alias("prompt_version"),
+        F.lit(float(stage_llm.temperature)).alias("temperature"),
+        F.lit(float(stage_llm.top_p)).alias("top_p"),
+        out["prompt_tokens"].alias("prompt_tokens"),
+        out["completion_tokens"].alias("completion_tokens"),
+        out["cached_tokens"].alias("cached_tokens"),
+        out["latency_s"].alias("latency_s"),
+        out["attempts"].alias("attempts"),
+        F.current_timestamp().alias("created_at"),
+    ]
+
+
+def _is_failure(out: Column) -> Column:
+    """A call failed when the client says so, or when a free-text answer is empty: an empty row
+    written as a success would never be asked again."""
+    empty_text = out["parsed"].isNull() & (F.coalesce(F.length(F.trim(out["text"])), F.lit(0)) == 0)
+    return out["error_class"].isNotNull() | empty_text
+
+
+@dataclass
+class StepResult:
+    rows_in: int = 0
+    rows_written: int = 0
+    failures: int = 0
+    recovered: int = 0  # calls paid by an interrupted run, committed from its spool
+    seconds: float = 0.0
+
+    def figures(self, prefix: str) -> dict[str, int | float]:
+        figures = {f"{prefix}_todo": self.rows_in, f"{prefix}_written": self.rows_written,
+                   f"{prefix}_failed": self.failures}
+        if self.recovered:
+            figures[f"{prefix}_recovered"] = self.recovered
+        return figures
+
+
+def plan_partitions(todo: DataFrame, key: str, cfg: GlanConfig) -> DataFrame:
+    """Partition by discipline, and split a large discipline over several tasks so that no single
+    task holds the run back: salt = hash(key) mod ceil(rows of the largest discipline / rows_per_task)."""
+    per_discipline = todo.groupBy("discipline_id").count().collect()
+    if not per_discipline:
+        return todo
+    largest = max(r["count"] for r in per_discipline)
+    total = sum(r["count"] for r in per_discipline)
+    splits = max(1, math.ceil(largest / cfg.pipeline.rows_per_task))
+    tasks = min(cfg.pipeline.max_tasks, max(1, math.ceil(total / cfg.pipeline.rows_per_task)),
+                len(per_discipline) * splits)
+    salted = todo.withColumn(_SALT, F.pmod(F.xxhash64(key), F.lit(splits)))
+    return salted.repartition(tasks, "discipline_id", _SALT).drop(_SALT)
+
+
+def ask(ctx: StageContext, call: LLMCall) -> StepResult:
+    """Run one declared call of a stage: its to-do rows (rows minus output keys), in the stage's slice."""
+    return run_llm_step(ctx.todo(call), call, stage=ctx.stage, cfg=ctx.cfg, scope=ctx.chosen, progress=ctx.progress)
+
+
+def run_llm_step(todo: DataFrame, call: LLMCall, *, stage: str, cfg: GlanConfig, scope: DataFrame | None = None,
+                 progress: Progress | None = None) -> StepResult:
+    """Call `call.prompt` for every row of `todo` and append the successes to `call.output`.
+
+    Rows whose call failed go to `failures` (stage, key); rows that succeed leave it. `scope` (rows
+    with `discipline_id`) is the run's slice of the taxonomy: spooled results of dead runs are
+    committed only for those disciplines (None: all).
+    """
+    started = time.monotonic()
+    step = _Step(todo.sparkSession, call, stage, cfg, progress or Progress(), StepResult(),
+                 T.StructType([*todo.schema.fields, T.StructField(RESULT, LLM_RESULT)]))
+    ids = None if scope is None else [row[0] for row in scope.select("discipline_id").distinct().collect()]
+    spool = Spool(step.spark, cfg, stage, call.output)
+    spool.claim(ids)  # a live run of this step on any of these disciplines stops this one here
+    try:
+        for orphan in spool.orphans():
+            todo = step.recover(spool, orphan, todo, ids)
+        rows = todo.count()
+        step.result.rows_in = rows + step.result.recovered
+        if rows:
+            step.run_chunks(todo, rows, spool)
+    finally:
+        spool.close()
+    step.result.seconds = time.monotonic() - started
+    return step.result
+
+
+@dataclass
+class _Step:
+    """One run of one LLM call: what it commits, recovers and calls, and its running figures."""
+
+    spark: SparkSession
+    call: LLMCall
+    stage: str
+    cfg: GlanConfig
+    progress: Progress
+    result: StepResult
+    spooled_schema: T.StructType
+
+    @property
+    def llm(self) -> StageLLMConfig:
+        return self.call.llm(self.cfg)
+
+    def commit(self, called: DataFrame) -> None:
+        """Successes to the output table, failures to `failures`, from rows that hold their results."""
+        failed_now = _is_failure(F.col(RESULT))
+        ok = called.filter(~failed_now)
+        failed = called.filter(failed_now).withColumn(RESULT, F.col(RESULT).withField(
+            "error_class", F.coalesce(F.col(RESULT)["error_class"], F.lit("empty"))).withField(
+            "error_message", F.coalesce(F.col(RESULT)["error_message"], F.lit("the model returned no text"))))
+        written = append_missing(self.call.to_output(ok, self.llm), self.call.output, self.call.output_key, self.cfg)
+        self.result.rows_written += written.rows_written
+        self.progress.rows_written(self.result.rows_written)
+        new_failures = _update_failures(self.spark, self.stage, self.call.key, called, failed, self.cfg)
+        self.result.failures += new_failures
+        if new_failures:
+            _record_failed_usage(failed, self.stage, self.call.key, self.llm, self.cfg)
+
+    def recover(self, spool: Spool, orphan, todo: DataFrame, ids: list[str] | None) -> DataFrame:
+        """Finish what a dead run of this step left in its spool; returns the rows still to do.
+
+        A run that is gone paid for these calls and did not commit them: commit the rows of this
+        run's disciplines that are still to do (asked with the prompt as it is now), take them off
+        the work, and leave the rows of other disciplines for the runs of those."""
+        key = self.call.key
+        lost = spool.orphan_unanswered(orphan)
+        if lost is not None:  # sent when the run died, answers never spooled: on record before the intents go
+            _record_in_flight(self.spark, lost, self.stage, self.llm, self.cfg)
+            log.warning("%s: %d LLM calls were in flight when a run stopped (%s); recorded in failed_calls "
+                        "as possibly paid, their rows are asked again", self.stage, lost.num_rows, orphan.uri)
+        if not orphan.files:  # it died before any task finished
+            spool.keep_only(orphan, None)
+            return todo
+        spooled = spool.read(orphan.files, self.spooled_schema, key, _is_failure(F.col(RESULT)), folder=orphan.uri)
+        if ids is not None:
+            in_scope = F.col("discipline_id").isin(ids)
+            mine, others = spooled.filter(in_scope), spooled.filter(~in_scope)
+        else:
+            mine, others = spooled, None
+        still_todo = mine.join(todo.select(key).distinct(), key, "left_semi")
+        current = F.col(RESULT)["prompt_version"] == load_prompt(self.call.prompt).version
+        keys = [row[0] for row in still_todo.filter(current).select(key).collect()]
+        if keys:
+            self.commit(still_todo.filter(current))
+        # Rows answered with another version of the prompt are asked again; what they cost stays on record.
+        outdated = still_todo.filter(~current).withColumn(RESULT, F.col(RESULT).withField(
+            "error_class", F.lit("outdated_prompt")))
+        if outdated.limit(1).count():
+            _record_failed_usage(outdated, self.stage, key, self.llm, self.cfg)
+        spool.keep_only(orphan, others)
+        self.result.recovered += len(keys)
+        log.warning("%s: committed %d LLM results that an interrupted run had paid for (%s)",
+                    self.stage, len(keys), orphan.uri)
+        if not keys:
+            return todo
+        done = self.spark.createDataFrame([(k,) for k in keys], T.StructType([todo.schema[key]]))
+        return todo.join(F.broadcast(done), key, "left_anti")
+
+    def run_chunks(self, todo: DataFrame, rows: int, spool: Spool) -> None:
+        """Call the LLM chunk by chunk; each chunk is spooled by its tasks, then committed."""
+        call, cfg, key = self.call, self.cfg, self.call.key
+        chunks = max(1, math.ceil(rows / cfg.pipeline.commit_every_rows))
+        chunked = todo.withColumn(_CHUNK, F.pmod(F.xxhash64(key, F.lit("chunk")), F.lit(chunks)))
+        kwargs = {} if call.schema is None else {"schema": call.schema(cfg)}
+        self.progress.start_call(call.prompt, chunks, rows)
+        for index in range(chunks):
+            self.progress.chunk(index + 1)
+            part = plan_partitions(chunked.filter(F.col(_CHUNK) == index).drop(_CHUNK), key, cfg)
+            if call.sort_within:
+                part = part.sortWithinPartitions(*call.sort_within)  # e.g. one subject's questions together
+            intents = spool.intents(key)
+            ask_llm = llm_udf(call.prompt, cfg.llm, self.llm, concurrent_tasks=concurrent_tasks(part),
+                              base_url=list(cfg.llm.base_urls) or cfg.llm.base_url, intents=intents, **kwargs)
+            # The LLM is called here and nowhere else: each task notes its calls, then spools their results
+            # as they come; both writes below read the spool, and the files go only once both are committed.
+            values = call.constants(cfg) if call.constants else {}
+            constants = [F.lit(value).alias(name) for name, value in values.items()]
+            called = part.withColumn(RESULT, ask_llm(*call.inputs, *constants, seed=call.seed,
+                                                     note=list(dict.fromkeys([key, "discipline_id"]))))
+            files = spool.write(called.select(*self.spooled_schema.fieldNames()), intents)
+            self.commit(spool.read(files, self.spooled_schema, key, _is_failure(F.col(RESULT))))
+            retried = spool.unanswered(intents, files)
+            if retried is not None:  # task attempts that sent calls and died before spooling; Spark ran them again
+                _record_in_flight(self.spark, retried, self.stage, self.llm, cfg)
+            spool.remove(files, intents=intents)
+            log.info("%s: chunk %d/%d committed (%d rows so far)", self.stage, index + 1, chunks,
+                     self.result.rows_written)
+
+
+def _record_failed_usage(failed: DataFrame, stage: str, key: str, stage_llm: StageLLMConfig, cfg: GlanConfig) -> None:
+    """Append the usage of failed calls to `failed_calls`. The id comes from the call's own result,
+    so committing the same spooled rows again (after a kill) adds nothing."""
+    out = F.col(RESULT)
+    call_id = stable_id(F.lit(stage), F.col(key), out["prompt_version"], out["error_class"],
+                        out["error_message"], out["latency_s"], out["prompt_tokens"], out["completion_tokens"])
+    append_missing(failed.select(call_id.alias("call_id"), F.lit(stage).alias("stage"),
+                                 F.col(key).cast("string").alias("row_key"), out["error_class"].alias("error_class"),
+                                 *usage_columns(stage_llm)), "failed_calls", "call_id", cfg)
+
+
+def _record_in_flight(spark, lost: pa.Table, stage: str, stage_llm: StageLLMConfig, cfg: GlanConfig) -> None:
+    """Append to `failed_calls` the calls that were sent but whose answers never came back (rows of
+    `Spool.unanswered`): possibly paid, prompt tokens estimated, completion tokens unknown (null).
+    The id comes from the intent file, so recording the same intents again adds nothing."""
+    rows = [(r["row_key"], r["model"], r["prompt_name"], r["prompt_version"], r["prompt_tokens"], r["_intent"])
+            for r in lost.to_pylist()]
+    frame = spark.createDataFrame(rows, "row_key string, model string, prompt_name string, prompt_version string, "
+                                        "prompt_tokens long, _intent string")
+    append_missing(frame.select(
+        stable_id(F.lit(stage), "row_key", F.lit(IN_FLIGHT), "_intent").alias("call_id"),
+        F.lit(stage).alias("stage"), "row_key", F.lit(IN_FLIGHT).alias("error_class"),
+        "model", "prompt_name", "prompt_version",
+        F.lit(float(stage_llm.temperature)).alias("temperature"), F.lit(float(stage_llm.top_p)).alias("top_p"),
+        "prompt_tokens", F.lit(None).cast("long").alias("completion_tokens"),
+        F.lit(None).cast("long").alias("cached_tokens"), F.lit(None).cast("double").alias("latency_s"),
+        F.lit(1).alias("attempts"), F.current_timestamp().alias("created_at"),
+    ), "failed_calls", "call_id", cfg)
+
+
+def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: DataFrame, cfg: GlanConfig) -> int:
+    """Replace this stage's failures for the keys just called: failed ones in, succeeded ones out.
+    Only those keys' rows are rewritten, so runs of other slices update theirs at the same time."""
+    storage = get_storage(spark, cfg)
+    failure_id = stable_id(F.lit(stage), F.col(key))
+    new = failed.select(
+        failure_id.alias("failure_id"),
+        F.lit(stage).alias("stage"),
+        F.col(key).cast("string").alias("row_key"),
+        F.col(RESULT)["error_class"].alias("error_class"),
+        F.col(RESULT)["error_message"].alias("error_message"),
+        F.col(RESULT)["attempts"].alias("attempts"),
+        F.current_timestamp().alias("failed_at"),
+    ).collect()
+    ids = called.select(failure_id.alias("failure_id")).distinct()
+    if not new and (not storage.exists("failures")
+                    or not storage.read("failures").join(F.broadcast(ids), "failure_id", "left_semi").limit(1).count()):
+        return 0
+    storage.replace(spark.createDataFrame([tuple(r) for r in new], FAILURES.schema), "failures", "failure_id",
+                    [r[0] for r in ids.collect()])
+    for row in new[:5]:
+        log.warning("%s: %s failed: %s: %s", stage, row["row_key"], row["error_class"], (row["error_message"] or "")[:200])
+    return len(new)

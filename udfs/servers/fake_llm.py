@@ -1,0 +1,648 @@
+"""A loopback OpenAI-compatible test server: deterministic answers, recorded requests, faults on demand.
+
+A real HTTP/1.1 server (stdlib asyncio, keep-alive) on 127.0.0.1 speaking
+
+    POST /v1/chat/completions   (also the Azure path /openai/deployments/<d>/chat/completions)
+    GET  /v1/models
+    GET  /stats                 total chat requests, counts by HTTP status, by call kind, by fault,
+                                tokens, and `repeated_ok` (successes for messages already answered)
+
+Answers: the call kind is the `X-Glan-Call` header the client sends. With a `response_format`
+JSON schema the answer is a valid instance of that schema; without one, a call whose name is in
+`udfs.llm.schemas.SCHEMAS` gets its schema's instance as fenced ```json text (the lenient path), and any
+other call gets a few paragraphs of free text. Content is seeded by a hash of the messages and the
+server seed, made of varied English words, and identical for retries of the same request.
+
+Faults (429 with Retry-After, 500, held-open timeouts, malformed JSON, truncated output) are drawn
+from a hash of (seed, messages, how often these messages were seen), so a run is reproducible
+whatever order concurrent requests arrive in, and a retry gets a fresh draw. Tests can also add
+rules: `server.add_rule(contains="POISON", status=400)`, `add_rule(kind="x", text="garbage")`.
+
+In-process use runs the server on a background thread:
+
+    server = FakeLLM(latency_ms=20, seed=1); server.start()
+    ... LLMConfig(base_url=server.url) ...
+    server.count(kind="subjects_list"); server.requests; server.reset(); server.stop()
+
+CLI (`glan fake-llm` or `python -m udfs.servers.fake_llm`): `--port P --latency-ms N --rate-429 F ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import re
+import signal
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from udfs.llm.schemas import SCHEMAS
+
+log = logging.getLogger("glan.fake_llm")
+
+CALL_HEADER = "x-glan-call"  # lower case: HTTP header names are case-insensitive (see udfs.llm.client)
+_CHAT_PATH = re.compile(r"^(/v1)?(/openai/deployments/[^/]+)?/chat/completions$")
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic English-looking content
+
+_NOUNS = """
+theory model system process structure function energy signal network equation method principle
+analysis variable pattern element surface layer boundary current pressure density frequency
+population market policy contract language grammar narrative history culture society economy
+institution organism cell protein enzyme membrane tissue climate river mountain valley ocean
+reaction compound molecule crystal circuit algorithm database protocol interface theorem proof
+matrix vector integral sequence distribution sample estimate hypothesis experiment observation
+evidence argument concept framework strategy resource budget revenue investment instrument melody
+rhythm harmony painting sculpture architecture bridge engine turbine sensor material fiber polymer
+alloy mineral fossil species habitat ecosystem nutrient vaccine diagnosis therapy symptom patient
+teacher student lesson curriculum classroom library archive manuscript poem novel character
+dialogue conflict treaty empire revolution election parliament court statute citizen community
+neighborhood household income inflation demand supply price trade tariff currency bank loan
+credit risk portfolio asset liability audit ledger journal survey interview dataset feature
+gradient kernel graph vertex edge tree queue stack compiler kernel thread memory cache processor
+satellite orbit planet galaxy telescope spectrum wavelength photon electron nucleus isotope
+gene chromosome mutation inheritance trait behavior perception memory emotion motivation attitude
+identity ritual belief doctrine ethic virtue justice freedom responsibility duty harbor canal
+""".split()
+
+_ADJECTIVES = """
+accurate ancient balanced careful central classical complex critical cultural dynamic early
+economic efficient elegant empirical essential ethical formal fundamental general global gradual
+historical hidden important initial internal linear local logical major minor modern moral
+natural nominal numerical objective optimal organic partial physical political practical precise
+primary public random rapid rational regional relative reliable robust rural scientific secondary
+simple social spatial specific stable standard statistical strategic strong structural subtle
+sustainable symbolic technical temporal theoretical thermal typical uniform urban useful various
+visual vital
+""".split()
+
+_VERBS = """
+affects alters balances captures changes compares connects controls defines describes determines
+distinguishes drives enables estimates explains expresses extends generates governs identifies
+illustrates improves increases influences limits links measures models organizes predicts
+preserves produces reduces reflects regulates reveals shapes simplifies supports sustains
+transforms
+""".split()
+
+_CONNECTORS = ["In practice,", "For example,", "As a result,", "In contrast,", "Historically,",
+               "In most cases,", "Moreover,", "At the same time,", "Consequently,", "In general,"]
+_PREPOSITIONS = ["within", "across", "through", "under", "beyond", "between", "during", "against"]
+
+_TITLE_KEYS = ("title", "name", "subject", "topic", "concept", "discipline", "keyword", "field", "label")
+_QUESTION_KEYS = ("question", "instruction", "prompt", "query", "problem", "task")
+_LONG_KEYS = ("answer", "response", "text", "description", "content", "explanation", "summary", "details")
+
+
+_AN = re.compile(r"\b([Aa]) ([aeiou])")
+
+
+def _title(rng: random.Random) -> str:
+    words = [rng.choice(_ADJECTIVES)] if rng.random() < 0.6 else []
+    words += [rng.choice(_NOUNS) for _ in range(rng.randint(1, 2))]
+    if rng.random() < 0.3:
+        words += ["and", rng.choice(_NOUNS)]
+    return " ".join(w.capitalize() if w != "and" else w for w in words)
+
+
+def _sentence(rng: random.Random) -> str:
+    a, b, c = rng.choice(_NOUNS), rng.choice(_NOUNS), rng.choice(_NOUNS)
+    shape = rng.randrange(4)
+    if shape == 0:
+        s = f"the {rng.choice(_ADJECTIVES)} {a} {rng.choice(_VERBS)} the {b} {rng.choice(_PREPOSITIONS)} a {rng.choice(_ADJECTIVES)} {c}"
+    elif shape == 1:
+        s = f"each {a} {rng.choice(_VERBS)} how the {b} and its {c} change over time"
+    elif shape == 2:
+        s = f"a {rng.choice(_ADJECTIVES)} {a} usually {rng.choice(_VERBS)} the {b} of the {c}"
+    else:
+        s = f"the {a} {rng.choice(_PREPOSITIONS)} the {b} {rng.choice(_VERBS)} {rng.choice(_ADJECTIVES)} {c} patterns"
+    if rng.random() < 0.3:
+        s = f"{rng.choice(_CONNECTORS)} {s}"
+    s = _AN.sub(r"\1n \2", s)
+    return s[0].upper() + s[1:] + "."
+
+
+def _question(rng: random.Random) -> str:
+    a, b = rng.choice(_NOUNS), rng.choice(_NOUNS)
+    forms = [f"How does the {rng.choice(_ADJECTIVES)} {a} affect the {b}?",
+             f"Explain why a {a} {rng.choice(_VERBS)} the {b} in a {rng.choice(_ADJECTIVES)} setting.",
+             f"What is the role of the {a} in the {rng.choice(_ADJECTIVES)} {b}?",
+             f"Compare the {a} and the {b}, giving one {rng.choice(_ADJECTIVES)} example of each."]
+    return _AN.sub(r"\1n \2", rng.choice(forms))
+
+
+def _paragraph(rng: random.Random, sentences: int) -> str:
+    return " ".join(_sentence(rng) for _ in range(sentences))
+
+
+def free_text(rng: random.Random) -> str:
+    return "\n\n".join(_paragraph(rng, rng.randint(3, 5)) for _ in range(rng.randint(2, 4)))
+
+
+def _string(rng: random.Random, schema: dict[str, Any], name: str) -> str:
+    key = name.lower()
+    if any(k in key for k in _QUESTION_KEYS):
+        value = _question(rng)
+    elif any(k in key for k in _LONG_KEYS):
+        value = _paragraph(rng, rng.randint(2, 4))
+    elif any(k in key for k in _TITLE_KEYS):
+        value = _title(rng)
+    else:
+        value = _sentence(rng)
+    while len(value) < schema.get("minLength", 0):
+        value += " " + _sentence(rng)
+    if "maxLength" in schema:
+        value = value[: schema["maxLength"]]
+    return value
+
+
+def instance(schema: dict[str, Any], rng: random.Random, name: str = "", *, empty_lists: bool = False) -> Any:
+    """A value valid for `schema` (the subset in udfs/llm/schemas.py), drawn from `rng`."""
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    if "anyOf" in schema:
+        return instance(schema["anyOf"][0], rng, name, empty_lists=empty_lists)
+    kind = schema.get("type", "object" if "properties" in schema else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        props = schema.get("properties")
+        if not props:
+            return {"text": _sentence(rng)}
+        return {k: instance(v, rng, k, empty_lists=empty_lists) for k, v in props.items()}
+    if kind == "array":
+        lo = schema.get("minItems", 0)
+        hi = schema.get("maxItems")
+        if empty_lists:
+            count = 0
+        else:
+            lo_nonempty = max(lo, 1) if hi != 0 else 0
+            top = lo_nonempty + 4 if hi is None else min(hi, lo_nonempty + 6)
+            count = rng.randint(lo_nonempty, max(lo_nonempty, top))
+        item_schema = schema.get("items") or {"type": "string"}
+        item_name = name[:-1] if name.endswith("s") else name
+        items: list[Any] = []
+        for _ in range(count):
+            value = instance(item_schema, rng, item_name, empty_lists=empty_lists)
+            for _retry in range(3):  # lists of titles read better without repeats
+                if value not in items:
+                    break
+                value = instance(item_schema, rng, item_name, empty_lists=empty_lists)
+            items.append(value)
+        return items
+    if kind == "string":
+        return _string(rng, schema, name)
+    if kind == "integer":
+        lo = int(schema.get("minimum", 1))
+        return rng.randint(lo, int(schema.get("maximum", lo + 9)))
+    if kind == "number":
+        lo = float(schema.get("minimum", 0.0))
+        return round(rng.uniform(lo, float(schema.get("maximum", lo + 100.0))), 2)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules and records
+
+
+@dataclass
+class Rule:
+    """A programmed answer for requests whose text contains `contains` and/or whose call is `kind`.
+
+    `status` != 200 answers an OpenAI-style error (`echo_key`: "masked" or "full" puts the bearer key
+    in the message, as OpenAI's 401 does); otherwise `text` (verbatim content), `empty_lists` (schema
+    instance with every array empty) or the normal answer, with `finish_reason`. `times` limits how
+    many requests the rule answers; `delay_ms` adds latency."""
+
+    contains: str | None = None
+    kind: str | None = None
+    status: int = 200
+    text: str | None = None
+    finish_reason: str = "stop"
+    empty_lists: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    echo_key: str | None = None
+    times: int | None = None
+    delay_ms: float = 0.0
+    hits: int = 0
+
+    def matches(self, kind: str, text: str) -> bool:
+        if self.times is not None and self.hits >= self.times:
+            return False
+        if self.kind is not None and self.kind != kind:
+            return False
+        return self.contains is None or self.contains in text
+
+
+@dataclass
+class RecordedRequest:
+    kind: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    status: int = 0
+    fault: str | None = None
+    received_at: float = 0.0
+
+    @property
+    def text(self) -> str:
+        messages = self.body.get("messages", []) if isinstance(self.body, dict) else []
+        return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+
+
+def _u(digest: bytes, index: int) -> float:
+    """The index-th uniform [0, 1) number of a hash."""
+    return struct.unpack_from(">I", digest, 4 * index)[0] / 2**32
+
+
+def _tokens(text: str) -> int:
+    return max(1, round(len(text.split()) * 1.3))
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+class FakeLLM:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency_ms: float = 0.0,
+        rate_429: float = 0.0,
+        rate_500: float = 0.0,
+        rate_timeout: float = 0.0,
+        rate_malformed: float = 0.0,
+        rate_truncated: float = 0.0,
+        retry_after_s: float = 1.0,
+        timeout_hold_s: float = 30.0,
+        jitter_ms: float = 0.0,
+        seed: int = 0,
+        model: str = "fake-llm",
+        record: bool = True,
+    ):
+        for name, rate in (("rate_429", rate_429), ("rate_500", rate_500), ("rate_timeout", rate_timeout),
+                           ("rate_malformed", rate_malformed), ("rate_truncated", rate_truncated)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name}={rate} is outside [0, 1]")
+        if rate_429 + rate_500 + rate_timeout > 1.0:
+            raise ValueError("rate_429 + rate_500 + rate_timeout must be <= 1")
+        self.host, self.port = host, port
+        self.latency_ms, self.jitter_ms = latency_ms, jitter_ms
+        self.rate_429, self.rate_500, self.rate_timeout = rate_429, rate_500, rate_timeout
+        self.rate_malformed, self.rate_truncated = rate_malformed, rate_truncated
+        self.retry_after_s, self.timeout_hold_s = retry_after_s, timeout_hold_s
+        self.seed, self.model, self.record = seed, model, record
+        self.requests: list[RecordedRequest] = []
+        self.rules: list[Rule] = []
+        self._seen: Counter[bytes] = Counter()
+        self._stats: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._handlers: set[asyncio.Task] = set()
+        self.reset()
+
+    # -- in-process API -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The base URL clients take (`llm.base_url`)."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> FakeLLM:
+        ready = threading.Event()
+        error: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._open())
+            except BaseException as exc:  # surfaced to the caller of start()
+                error.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._close())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="fake-llm", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if error:
+            raise error[0]
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop = self._thread = None
+
+    def __enter__(self) -> FakeLLM:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def reset(self) -> None:
+        """Forget requests, statistics, rules and fault history (settings stay)."""
+        with self._lock:
+            self.requests = []
+            self.rules = []
+            self._seen = Counter()
+            self._answered: set[bytes] = set()
+            self._stats = {"total": 0, "repeated_ok": 0, "by_status": Counter(), "by_kind": Counter(), "by_fault": Counter(),
+                           "prompt_tokens": 0, "completion_tokens": 0}
+
+    def add_rule(self, **kwargs: Any) -> Rule:
+        rule = Rule(**kwargs)
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def count(self, kind: str | None = None, status: int | None = None) -> int:
+        return sum(1 for r in list(self.requests)
+                   if (kind is None or r.kind == kind) and (status is None or r.status == status))
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            s = self._stats
+            return {"total": s["total"], "repeated_ok": s["repeated_ok"], "by_status": {str(k): v for k, v in s["by_status"].items()},
+                    "by_kind": dict(s["by_kind"]), "by_fault": dict(s["by_fault"]),
+                    "tokens": {"prompt": s["prompt_tokens"], "completion": s["completion_tokens"]}}
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        self._server = await asyncio.start_server(self._connection, self.host, self.port, backlog=2048)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    break
+                lines = head.decode("latin-1").split("\r\n")
+                parts = lines[0].split(" ")
+                if len(parts) < 2:
+                    break
+                method, target = parts[0], parts[1]
+                headers: dict[str, str] = {}
+                for line in lines[1:]:
+                    name, sep, value = line.partition(":")
+                    if sep:
+                        headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length") or 0)
+                body = await reader.readexactly(length) if length else b""
+                answer = await self._dispatch(method, target.split("?")[0], headers, body)
+                if answer is None:  # a held-open "timeout": drop the connection without a reply
+                    break
+                status, extra, payload = answer
+                reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+                          429: "Too Many Requests", 500: "Internal Server Error"}.get(status, "Error")
+                head_out = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
+                            f"content-length: {len(payload)}"]
+                head_out += [f"{k}: {v}" for k, v in extra.items()]
+                writer.write(("\r\n".join(head_out) + "\r\n\r\n").encode("latin-1") + payload)
+                await writer.drain()
+                if headers.get("connection", "").lower() == "close":
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            pass  # the server is stopping; ending quietly keeps asyncio from logging each connection
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+            writer.close()
+
+    async def _dispatch(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes] | None:
+        if method == "GET" and path in ("/v1/models", "/models"):
+            data = {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "glan"}]}
+            return 200, {}, json.dumps(data).encode()
+        if method == "GET" and path == "/stats":
+            return 200, {}, json.dumps(self.stats()).encode()
+        if method == "POST" and _CHAT_PATH.match(path):
+            return await self._chat(path, headers, body)
+        return 404, {}, json.dumps({"error": {"message": f"no route {method} {path}"}}).encode()
+
+    # -- chat completions -----------------------------------------------------------------------
+
+    def _finish(self, record: RecordedRequest, status: int, fault: str | None = None,
+                prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        record.status, record.fault = status, fault
+        with self._lock:
+            s = self._stats
+            s["by_status"][status] += 1
+            if fault:
+                s["by_fault"][fault] += 1
+            s["prompt_tokens"] += prompt_tokens
+            s["completion_tokens"] += completion_tokens
+
+    @staticmethod
+    def _error(status: int, message: str, kind: str, extra: dict[str, str] | None = None
+               ) -> tuple[int, dict[str, str], bytes]:
+        payload = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+        return status, extra or {}, json.dumps(payload).encode()
+
+    async def _chat(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            body = None
+        kind = headers.get(CALL_HEADER, "unknown")
+        record = RecordedRequest(kind=kind, path=path, headers=headers, body=body, received_at=time.time())
+        with self._lock:
+            self._stats["total"] += 1
+            self._stats["by_kind"][kind] += 1
+            if self.record:
+                self.requests.append(record)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            self._finish(record, 400)
+            return self._error(400, "body must be a JSON object with messages", "invalid_request_error")
+        text = record.text
+        canonical = json.dumps(body["messages"], sort_keys=True).encode()
+        content_digest = hashlib.sha256(canonical + f"|{self.seed}|{body.get('seed')}".encode()).digest()
+        with self._lock:
+            seen = self._seen[content_digest]
+            self._seen[content_digest] += 1
+            rule = next((r for r in self.rules if r.matches(kind, text)), None)
+            if rule is not None:
+                rule.hits += 1
+        fault_digest = hashlib.sha256(content_digest + seen.to_bytes(4, "big")).digest()
+        delay = self.latency_ms
+        if self.jitter_ms:
+            delay += _u(fault_digest, 5) * self.jitter_ms
+        if rule is not None:
+            delay += rule.delay_ms
+        if delay > 0:
+            await asyncio.sleep(delay / 1000.0)
+
+        if rule is not None and rule.status != 200:
+            message = f"rule answered {rule.status}"
+            if rule.echo_key:
+                key = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("api-key", "")
+                shown = key if rule.echo_key == "full" else f"{key[:3]}{'*' * max(0, len(key) - 7)}{key[-4:]}"
+                message = (f"Incorrect API key provided: {shown}. You can find your API key at "
+                           "https://platform.openai.com/account/api-keys.")
+            self._finish(record, rule.status, "rule")
+            return self._error(rule.status, message, "rule_error", dict(rule.headers))
+
+        if rule is None:
+            draw = _u(fault_digest, 0)
+            if draw < self.rate_429:
+                self._finish(record, 429, "429")
+                return self._error(429, "Rate limit reached for requests (fake)", "rate_limit_exceeded",
+                                   {"retry-after": f"{self.retry_after_s:g}"})
+            if draw < self.rate_429 + self.rate_500:
+                self._finish(record, 500, "500")
+                return self._error(500, "The server had an error processing your request (fake)", "server_error")
+            if draw < self.rate_429 + self.rate_500 + self.rate_timeout:
+                self._finish(record, 0, "timeout")
+                await asyncio.sleep(self.timeout_hold_s)
+                return None
+
+        response_format = body.get("response_format") or {}
+        schema = None
+        if response_format.get("type") == "json_schema":
+            schema = (response_format.get("json_schema") or {}).get("schema") or {}
+        elif response_format.get("type") == "json_object":
+            schema = response_format.get("schema") or {}
+        registry_schema = SCHEMAS.get(kind) if schema is None else None
+        rng = random.Random(content_digest)
+        finish = "stop"
+        fault = None
+        if rule is not None and rule.text is not None:
+            content = rule.text
+            finish = rule.finish_reason
+        else:
+            empty = rule.empty_lists if rule is not None else False
+            if rule is not None:
+                finish = rule.finish_reason
+            if schema is not None:
+                content = json.dumps(instance(schema, rng, kind, empty_lists=empty), ensure_ascii=False)
+            elif registry_schema is not None:
+                value = instance(registry_schema, rng, kind, empty_lists=empty)
+                content = f"Here is the result:\n\n```json\n{json.dumps(value, indent=2, ensure_ascii=False)}\n```\n"
+            else:
+                content = free_text(rng)
+            is_schema_call = schema is not None or registry_schema is not None
+            if rule is None and is_schema_call and _u(fault_digest, 1) < self.rate_malformed:
+                cut = max(1, int(len(content) * (0.3 + 0.4 * _u(fault_digest, 2))))
+                content = content[:cut].replace("```", "") + ' "unterminated'
+                fault = "malformed"
+            elif rule is None and _u(fault_digest, 3) < self.rate_truncated:
+                content = content[: max(1, len(content) // 2)]
+                finish, fault = "length", "truncated"
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        completion_tokens = _tokens(content)
+        if isinstance(max_tokens, int) and completion_tokens > max_tokens and finish == "stop":
+            words = content.split(" ")
+            content = " ".join(words[: max(1, int(max_tokens / 1.3))])
+            completion_tokens, finish = _tokens(content), "length"
+        prompt_tokens = max(1, len(canonical) // 4)
+        cached = prompt_tokens if seen else 0  # a repeat of a prompt (a retry) counts as cached, as OpenAI's cache would
+        self._finish(record, 200, fault, prompt_tokens, completion_tokens)
+        with self._lock:
+            # A second successful answer to the same messages: a client that retried a success.
+            if content_digest in self._answered:
+                self._stats["repeated_ok"] += 1
+            self._answered.add(content_digest)
+        payload = {
+            "id": f"chatcmpl-{content_digest.hex()[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": finish, "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": cached}},
+        }
+        return 200, {}, json.dumps(payload, ensure_ascii=False).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--jitter-ms", type=float, default=0.0, help="extra random latency, up to this")
+    parser.add_argument("--rate-429", type=float, default=0.0)
+    parser.add_argument("--rate-500", type=float, default=0.0)
+    parser.add_argument("--rate-timeout", type=float, default=0.0)
+    parser.add_argument("--rate-malformed", type=float, default=0.0)
+    parser.add_argument("--rate-truncated", type=float, default=0.0)
+    parser.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds on a 429")
+    parser.add_argument("--timeout-hold-s", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-record", action="store_true", help="keep counters only, not every request")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve in the foreground until SIGINT/SIGTERM. Prints the base URL as its first line."""
+    server = FakeLLM(
+        host=args.host, port=args.port, latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
+        rate_429=args.rate_429, rate_500=args.rate_500, rate_timeout=args.rate_timeout,
+        rate_malformed=args.rate_malformed, rate_truncated=args.rate_truncated,
+        retry_after_s=args.retry_after, timeout_hold_s=args.timeout_hold_s, seed=args.seed,
+        record=not args.no_record,
+    )
+
+    async def serve() -> None:
+        await server._open()
+        print(f"fake-llm listening on {server.url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server._close()
+
+    asyncio.run(serve())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="glan fake-llm", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
