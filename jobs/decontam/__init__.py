@@ -1,0 +1,1 @@
+"""Decontamination against public benchmarks: n-grams and MinHash, the benchmark registry and fetch, detection."""

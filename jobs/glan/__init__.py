@@ -1,0 +1,1 @@
+"""The paper's own logic, as pure functions: the taxonomy of human knowledge and concept sampling."""

@@ -1,0 +1,1 @@
+"""The SparkSession builder, and what spark-submit ships to a cluster."""
