@@ -50,6 +50,7 @@ log = logging.getLogger("glan.fake_llm")
 
 CALL_HEADER = "x-glan-call"  # lower case: HTTP header names are case-insensitive (see udfs.llm.client)
 _CHAT_PATH = re.compile(r"^(/v1)?(/openai/deployments/[^/]+)?/chat/completions$")
+Answer = tuple[int, dict[str, str], bytes]  # (HTTP status, extra headers, body)
 
 # ---------------------------------------------------------------------------------------------
 # Deterministic English-looking content
@@ -262,6 +263,19 @@ class RecordedRequest:
         return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
 
 
+@dataclass(frozen=True)
+class _Draw:
+    """What one request's answer is drawn from: the hash of its messages and seeds (the content),
+    the hash of that and how often it was seen before (the faults: a retry draws afresh), and the
+    rule that answers it, if any."""
+
+    canonical: bytes
+    content_digest: bytes
+    fault_digest: bytes
+    seen: int
+    rule: Rule | None
+
+
 def _u(digest: bytes, index: int) -> float:
     """The index-th uniform [0, 1) number of a hash."""
     return struct.unpack_from(">I", digest, 4 * index)[0] / 2**32
@@ -269,6 +283,27 @@ def _u(digest: bytes, index: int) -> float:
 
 def _tokens(text: str) -> int:
     return max(1, round(len(text.split()) * 1.3))
+
+
+def _response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema a request's response_format asks for ({} for a bare json_object); None
+    without one."""
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") == "json_schema":
+        return (response_format.get("json_schema") or {}).get("schema") or {}
+    if response_format.get("type") == "json_object":
+        return response_format.get("schema") or {}
+    return None
+
+
+def _cap_tokens(content: str, finish: str, max_tokens: Any) -> tuple[str, str, int]:
+    """(content, finish_reason, completion tokens), content cut at max_tokens as a model stops at
+    its limit."""
+    tokens = _tokens(content)
+    if isinstance(max_tokens, int) and tokens > max_tokens and finish == "stop":
+        content = " ".join(content.split(" ")[: max(1, int(max_tokens / 1.3))])
+        return content, "length", _tokens(content)
+    return content, finish, tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,9 +481,7 @@ class FakeLLM:
                 self._handlers.discard(task)
             writer.close()
 
-    async def _dispatch(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, dict[str, str], bytes] | None:
+    async def _dispatch(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
         if method == "GET" and path in ("/v1/models", "/models"):
             data = {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "glan"}]}
             return 200, {}, json.dumps(data).encode()
@@ -472,12 +505,36 @@ class FakeLLM:
             s["completion_tokens"] += completion_tokens
 
     @staticmethod
-    def _error(status: int, message: str, kind: str, extra: dict[str, str] | None = None
-               ) -> tuple[int, dict[str, str], bytes]:
+    def _error(status: int, message: str, kind: str, extra: dict[str, str] | None = None) -> Answer:
         payload = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
         return status, extra or {}, json.dumps(payload).encode()
 
-    async def _chat(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, str], bytes] | None:
+    async def _chat(self, path: str, headers: dict[str, str], raw: bytes) -> Answer | None:
+        """One chat completion: recorded, delayed, then a rule's error, a drawn fault (None: held open
+        without a reply) or a completion."""
+        record = self._record(path, headers, raw)
+        body = record.body
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            self._finish(record, 400)
+            return self._error(400, "body must be a JSON object with messages", "invalid_request_error")
+        draw = self._draw(body, record.kind, record.text)
+        await self._wait(draw)
+        if draw.rule is not None and draw.rule.status != 200:
+            return self._rule_error(record, draw.rule, headers)
+        if draw.rule is None:
+            fault = self._drawn_fault(draw.fault_digest)
+            if fault == "timeout":
+                self._finish(record, 0, "timeout")
+                await asyncio.sleep(self.timeout_hold_s)
+                return None
+            if fault is not None:
+                return self._fault_error(record, fault)
+        content, finish, fault = self._content(body, record.kind, draw)
+        return self._completion(record, body, draw, content, finish, fault)
+
+    def _record(self, path: str, headers: dict[str, str], raw: bytes) -> RecordedRequest:
+        """The request with its body parsed (None when it is not JSON), counted, and kept when
+        `record` is on."""
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
@@ -489,10 +546,11 @@ class FakeLLM:
             self._stats["by_kind"][kind] += 1
             if self.record:
                 self.requests.append(record)
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            self._finish(record, 400)
-            return self._error(400, "body must be a JSON object with messages", "invalid_request_error")
-        text = record.text
+        return record
+
+    def _draw(self, body: dict[str, Any], kind: str, text: str) -> _Draw:
+        """The hashes this request's answer is drawn from, and the first rule that matches it (its
+        hit counted)."""
         canonical = json.dumps(body["messages"], sort_keys=True).encode()
         content_digest = hashlib.sha256(canonical + f"|{self.seed}|{body.get('seed')}".encode()).digest()
         with self._lock:
@@ -502,86 +560,91 @@ class FakeLLM:
             if rule is not None:
                 rule.hits += 1
         fault_digest = hashlib.sha256(content_digest + seen.to_bytes(4, "big")).digest()
+        return _Draw(canonical, content_digest, fault_digest, seen, rule)
+
+    async def _wait(self, draw: _Draw) -> None:
+        """The latency: the setting, plus drawn jitter, plus the rule's delay."""
         delay = self.latency_ms
         if self.jitter_ms:
-            delay += _u(fault_digest, 5) * self.jitter_ms
-        if rule is not None:
-            delay += rule.delay_ms
+            delay += _u(draw.fault_digest, 5) * self.jitter_ms
+        if draw.rule is not None:
+            delay += draw.rule.delay_ms
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
 
-        if rule is not None and rule.status != 200:
-            message = f"rule answered {rule.status}"
-            if rule.echo_key:
-                key = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("api-key", "")
-                shown = key if rule.echo_key == "full" else f"{key[:3]}{'*' * max(0, len(key) - 7)}{key[-4:]}"
-                message = (f"Incorrect API key provided: {shown}. You can find your API key at "
-                           "https://platform.openai.com/account/api-keys.")
-            self._finish(record, rule.status, "rule")
-            return self._error(rule.status, message, "rule_error", dict(rule.headers))
+    def _rule_error(self, record: RecordedRequest, rule: Rule, headers: dict[str, str]) -> Answer:
+        """A rule's error answer; with `echo_key`, worded as OpenAI's 401 with the bearer key in it."""
+        message = f"rule answered {rule.status}"
+        if rule.echo_key:
+            key = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("api-key", "")
+            shown = key if rule.echo_key == "full" else f"{key[:3]}{'*' * max(0, len(key) - 7)}{key[-4:]}"
+            message = (f"Incorrect API key provided: {shown}. You can find your API key at "
+                       "https://platform.openai.com/account/api-keys.")
+        self._finish(record, rule.status, "rule")
+        return self._error(rule.status, message, "rule_error", dict(rule.headers))
 
-        if rule is None:
-            draw = _u(fault_digest, 0)
-            if draw < self.rate_429:
-                self._finish(record, 429, "429")
-                return self._error(429, "Rate limit reached for requests (fake)", "rate_limit_exceeded",
-                                   {"retry-after": f"{self.retry_after_s:g}"})
-            if draw < self.rate_429 + self.rate_500:
-                self._finish(record, 500, "500")
-                return self._error(500, "The server had an error processing your request (fake)", "server_error")
-            if draw < self.rate_429 + self.rate_500 + self.rate_timeout:
-                self._finish(record, 0, "timeout")
-                await asyncio.sleep(self.timeout_hold_s)
-                return None
+    def _drawn_fault(self, fault_digest: bytes) -> str | None:
+        """"429", "500", "timeout" or None, drawn at the configured rates."""
+        draw = _u(fault_digest, 0)
+        if draw < self.rate_429:
+            return "429"
+        if draw < self.rate_429 + self.rate_500:
+            return "500"
+        if draw < self.rate_429 + self.rate_500 + self.rate_timeout:
+            return "timeout"
+        return None
 
-        response_format = body.get("response_format") or {}
-        schema = None
-        if response_format.get("type") == "json_schema":
-            schema = (response_format.get("json_schema") or {}).get("schema") or {}
-        elif response_format.get("type") == "json_object":
-            schema = response_format.get("schema") or {}
-        registry_schema = SCHEMAS.get(kind) if schema is None else None
-        rng = random.Random(content_digest)
-        finish = "stop"
-        fault = None
+    def _fault_error(self, record: RecordedRequest, fault: str) -> Answer:
+        """The error answer of a drawn "429" (with Retry-After) or "500"."""
+        if fault == "429":
+            self._finish(record, 429, "429")
+            return self._error(429, "Rate limit reached for requests (fake)", "rate_limit_exceeded",
+                               {"retry-after": f"{self.retry_after_s:g}"})
+        self._finish(record, 500, "500")
+        return self._error(500, "The server had an error processing your request (fake)", "server_error")
+
+    def _content(self, body: dict[str, Any], kind: str, draw: _Draw) -> tuple[str, str, str | None]:
+        """(content, finish_reason, fault): the rule's text; else an instance of the requested schema
+        as JSON, of the call's registry schema as fenced JSON, or free text; without a rule, perhaps
+        made malformed or truncated at the configured rates."""
+        rule = draw.rule
         if rule is not None and rule.text is not None:
-            content = rule.text
-            finish = rule.finish_reason
+            return rule.text, rule.finish_reason, None
+        schema = _response_schema(body)
+        registry_schema = SCHEMAS.get(kind) if schema is None else None
+        rng = random.Random(draw.content_digest)
+        empty = rule.empty_lists if rule is not None else False
+        if schema is not None:
+            content = json.dumps(instance(schema, rng, kind, empty_lists=empty), ensure_ascii=False)
+        elif registry_schema is not None:
+            value = instance(registry_schema, rng, kind, empty_lists=empty)
+            content = f"Here is the result:\n\n```json\n{json.dumps(value, indent=2, ensure_ascii=False)}\n```\n"
         else:
-            empty = rule.empty_lists if rule is not None else False
-            if rule is not None:
-                finish = rule.finish_reason
-            if schema is not None:
-                content = json.dumps(instance(schema, rng, kind, empty_lists=empty), ensure_ascii=False)
-            elif registry_schema is not None:
-                value = instance(registry_schema, rng, kind, empty_lists=empty)
-                content = f"Here is the result:\n\n```json\n{json.dumps(value, indent=2, ensure_ascii=False)}\n```\n"
-            else:
-                content = free_text(rng)
-            is_schema_call = schema is not None or registry_schema is not None
-            if rule is None and is_schema_call and _u(fault_digest, 1) < self.rate_malformed:
-                cut = max(1, int(len(content) * (0.3 + 0.4 * _u(fault_digest, 2))))
-                content = content[:cut].replace("```", "") + ' "unterminated'
-                fault = "malformed"
-            elif rule is None and _u(fault_digest, 3) < self.rate_truncated:
-                content = content[: max(1, len(content) // 2)]
-                finish, fault = "length", "truncated"
+            content = free_text(rng)
+        if rule is not None:
+            return content, rule.finish_reason, None
+        if (schema is not None or registry_schema is not None) and _u(draw.fault_digest, 1) < self.rate_malformed:
+            cut = max(1, int(len(content) * (0.3 + 0.4 * _u(draw.fault_digest, 2))))
+            return content[:cut].replace("```", "") + ' "unterminated', "stop", "malformed"
+        if _u(draw.fault_digest, 3) < self.rate_truncated:
+            return content[: max(1, len(content) // 2)], "length", "truncated"
+        return content, "stop", None
+
+    def _completion(self, record: RecordedRequest, body: dict[str, Any], draw: _Draw, content: str,
+                    finish: str, fault: str | None) -> Answer:
+        """The 200 answer: content cut at max_tokens, usage counted (a repeated prompt as cached)."""
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        completion_tokens = _tokens(content)
-        if isinstance(max_tokens, int) and completion_tokens > max_tokens and finish == "stop":
-            words = content.split(" ")
-            content = " ".join(words[: max(1, int(max_tokens / 1.3))])
-            completion_tokens, finish = _tokens(content), "length"
-        prompt_tokens = max(1, len(canonical) // 4)
-        cached = prompt_tokens if seen else 0  # a repeat of a prompt (a retry) counts as cached, as OpenAI's cache would
+        content, finish, completion_tokens = _cap_tokens(content, finish, max_tokens)
+        prompt_tokens = max(1, len(draw.canonical) // 4)
+        cached = prompt_tokens if draw.seen else 0  # a repeat of a prompt (a retry) counts as cached, as OpenAI's cache would
         self._finish(record, 200, fault, prompt_tokens, completion_tokens)
         with self._lock:
             # A second successful answer to the same messages: a client that retried a success.
-            if content_digest in self._answered:
+            if draw.content_digest in self._answered:
                 self._stats["repeated_ok"] += 1
-            self._answered.add(content_digest)
+            self._answered.add(draw.content_digest)
         payload = {
-            "id": f"chatcmpl-{content_digest.hex()[:24]}",
+            "id": f"chatcmpl-{draw.content_digest.hex()[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model") or self.model,
