@@ -30,17 +30,26 @@ import json
 import logging
 import math
 import platform
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pyspark.sql import DataFrame, Window
+from pyarrow import fs
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from jobs.cli.args import add_config_args, config_from_args
+from jobs.cli.guard import run_guarded
 from jobs.config.export import ExportConfig
-from jobs.spark.session import arrow_filesystem
+from jobs.errors import EXIT_OK, ConfigError
+from jobs.spark.session import arrow_filesystem, get_spark
+from jobs.storage.delta import read_table
 
 log = logging.getLogger("glan.export")
 
@@ -135,8 +144,6 @@ def _write_bytes(uri_dir: str, relative: str, data: bytes) -> None:
 
 
 def _prepare_output(output: str, overwrite: bool) -> None:
-    from pyarrow import fs
-
     filesystem, root = arrow_filesystem(output)
     root = root.rstrip("/")
     existing = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
@@ -154,17 +161,15 @@ def _prepare_output(output: str, overwrite: bool) -> None:
 # Spark
 
 
-def _shard_column(key: str, num_shards: int):
+def _shard_column(key: str, num_shards: int) -> Column:
     fraction = F.col(key).cast("double") / F.lit(_TWO_TO_64) + F.lit(0.5)
     return F.least(F.floor(fraction * F.lit(num_shards)), F.lit(num_shards - 1)).cast("long")
 
 
-def _shard_writer(output: str, cfg: ExportConfig):
+def _shard_writer(output: str, cfg: ExportConfig) -> Callable[[pd.DataFrame], pd.DataFrame]:
     """A function for applyInPandas: writes one (split, shard) group as one file."""
 
-    def write(group):  # pandas DataFrame -> pandas DataFrame
-        import pandas as pd
-
+    def write(group: pd.DataFrame) -> pd.DataFrame:
         rows = group.sort_values(["_key", "id"], kind="mergesort").reset_index(drop=True)
         split, shard = str(rows["_split"].iloc[0]), int(rows["_shard"].iloc[0])
         data = shard_bytes(rows, cfg)
@@ -203,6 +208,123 @@ def _package_versions() -> dict[str, str]:
     return versions
 
 
+def key_rows(instructions: DataFrame, seed: int) -> DataFrame:
+    """The exported columns, `id` as a string, and each row's shuffle key `_key`."""
+    return instructions.select(
+        F.col("instruction_id").cast("string").alias("id"),
+        "field", "discipline", "subject", "level", "question", "answer",
+        F.xxhash64(F.lit(seed).cast("long"), F.col("instruction_id").cast("string")).alias("_key"),
+    )
+
+
+def split_rows(keyed: DataFrame, cfg: ExportConfig) -> DataFrame:
+    """`keyed` with `_split`: "test" for the held-out rows, "train" for the others, "dropped" for
+    rows without a question or an answer."""
+    has_text = F.col("question").isNotNull() & F.col("answer").isNotNull()
+    heldout_ids = select_heldout(keyed.filter(has_text), cfg).withColumn("_is_heldout", F.lit(True))
+    return (
+        keyed.join(F.broadcast(heldout_ids), on="id", how="left")
+        .withColumn("_split", F.when(~has_text, F.lit("dropped"))
+                    .when(F.col("_is_heldout"), F.lit("test"))
+                    .otherwise(F.lit("train")))
+        .drop("_is_heldout")
+    )
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    """Rows and sizes per split and discipline: what the shard count and the manifest need."""
+
+    num_rows: int                                # rows exported, both splits
+    num_dropped: int                             # rows without a question or an answer
+    rows: dict[str, int]                         # per split
+    key_ranges: dict[str, int]                   # per split: the key range is cut into this many shards
+    per_discipline: dict[str, dict[str, Any]]    # discipline -> {"field", "train", "test"}
+    short: dict[str, int]                        # disciplines with fewer held-out pairs than the quota
+
+
+def count_splits(rows: DataFrame, cfg: ExportConfig) -> SplitCounts:
+    """Counts and text bytes per split, field and discipline (a small collect: one row each)."""
+    text_bytes = sum(
+        F.coalesce(F.octet_length(F.col(name)), F.lit(0)) for name in EXPORT_COLUMNS
+    ) + F.coalesce(F.octet_length("question") + F.octet_length("answer"), F.lit(0))  # `messages`
+    counts = (
+        rows.groupBy("_split", "field", "discipline")
+        .agg(F.count(F.lit(1)).alias("num_rows"), F.sum(text_bytes).alias("num_bytes"))
+        .collect()
+    )
+    dropped = sum(r["num_rows"] for r in counts if r["_split"] == "dropped")
+    counts = [r for r in counts if r["_split"] != "dropped"]
+    split_rows_n = {s: sum(r["num_rows"] for r in counts if r["_split"] == s) for s in SPLITS}
+    split_bytes = {s: sum(r["num_bytes"] or 0 for r in counts if r["_split"] == s) for s in SPLITS}
+    per_discipline: dict[str, dict[str, Any]] = {}
+    for r in counts:
+        entry = per_discipline.setdefault(r["discipline"], {"field": r["field"], "train": 0, "test": 0})
+        entry[r["_split"]] += r["num_rows"]
+    return SplitCounts(
+        num_rows=sum(r["num_rows"] for r in counts),
+        num_dropped=dropped,
+        rows=split_rows_n,
+        key_ranges={s: num_shards_for(split_bytes[s], cfg.shard_size_mb, split_rows_n[s]) for s in SPLITS},
+        per_discipline=per_discipline,
+        short={d: c["test"] for d, c in sorted(per_discipline.items()) if c["test"] < cfg.heldout_per_discipline},
+    )
+
+
+def _log_counts(counts: SplitCounts, cfg: ExportConfig, seed: int) -> None:
+    if counts.num_dropped:
+        log.warning("export: %d rows without a question or an answer were left out", counts.num_dropped)
+    log.info("export: %d rows in (%d train, %d held out), %s shards, seed %d",
+             counts.num_rows, counts.rows["train"], counts.rows["test"], counts.key_ranges, seed)
+    if counts.short:
+        log.warning("export: %d disciplines have fewer than %d held-out pairs: %s",
+                    len(counts.short), cfg.heldout_per_discipline,
+                    ", ".join(f"{d}={n}" for d, n in list(counts.short.items())[:20]))
+
+
+def write_shards(rows: DataFrame, cfg: ExportConfig, output: str, key_ranges: dict[str, int]) -> list[dict[str, Any]]:
+    """One task per (split, shard) writes its file; the files' rows, sizes and checksums, in order."""
+    shard_expr = F.lit(0).cast("long")
+    for split in SPLITS:
+        if key_ranges[split]:
+            shard_expr = F.when(F.col("_split") == split,
+                                _shard_column("_key", key_ranges[split])).otherwise(shard_expr)
+    written = (
+        rows.filter(F.col("_split") != "dropped")
+        .withColumn("_shard", shard_expr)
+        .groupBy("_split", "_shard")
+        .applyInPandas(_shard_writer(output, cfg), SHARD_RESULT_SCHEMA)
+        .collect()
+    )
+    return sorted((r.asDict() for r in written), key=lambda r: (SPLITS.index(r["split"]), r["shard"]))
+
+
+def build_manifest(cfg: ExportConfig, seed: int, counts: SplitCounts, shards: list[dict[str, Any]],
+                   run_config: dict[str, Any] | None) -> dict[str, Any]:
+    """manifest.json: counts per split, discipline and shard, checksums, schema, config, versions."""
+    per_discipline = counts.per_discipline
+    return {
+        "format": "glan-export/1",
+        "seed": seed,
+        "order": "xxhash64(seed, id) ascending, then id; shards in name order",
+        "num_rows": counts.num_rows,
+        "num_dropped": counts.num_dropped,
+        # num_key_ranges: the key range is cut into this many slices; an empty slice writes no file.
+        "splits": {s: {"num_rows": counts.rows[s], "num_shards": sum(1 for x in shards if x["split"] == s),
+                       "num_key_ranges": counts.key_ranges[s],
+                       "files": [x["path"] for x in shards if x["split"] == s]} for s in SPLITS},
+        "shards": shards,
+        "heldout": {"per_discipline": cfg.heldout_per_discipline,
+                    "max_fraction": cfg.heldout_max_fraction,
+                    "short_disciplines": counts.short},
+        "counts": {d: per_discipline[d] for d in sorted(per_discipline)},
+        "schema": {"fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable}
+                              for f in SHARD_SCHEMA]},
+        "config": {"export": dataclasses.asdict(cfg), "run": run_config},
+        "packages": _package_versions(),
+    }
+
+
 def build_export(instructions: DataFrame, cfg: ExportConfig, output: str, seed: int | None = None, *,
                  overwrite: bool = False, run_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the shards, manifest and card for `instructions` under `output`; return the manifest.
@@ -212,89 +334,11 @@ def build_export(instructions: DataFrame, cfg: ExportConfig, output: str, seed: 
     seed = cfg.seed if seed is None else seed
     started = time.monotonic()
     _prepare_output(output, overwrite)
-
-    keyed = instructions.select(
-        F.col("instruction_id").cast("string").alias("id"),
-        "field", "discipline", "subject", "level", "question", "answer",
-        F.xxhash64(F.lit(seed).cast("long"), F.col("instruction_id").cast("string")).alias("_key"),
-    )
-    has_text = F.col("question").isNotNull() & F.col("answer").isNotNull()
-    heldout_ids = select_heldout(keyed.filter(has_text), cfg).withColumn("_is_heldout", F.lit(True))
-    split_rows = (
-        keyed.join(F.broadcast(heldout_ids), on="id", how="left")
-        .withColumn("_split", F.when(~has_text, F.lit("dropped"))
-                    .when(F.col("_is_heldout"), F.lit("test"))
-                    .otherwise(F.lit("train")))
-        .drop("_is_heldout")
-    )
-    text_bytes = sum(
-        F.coalesce(F.octet_length(F.col(name)), F.lit(0)) for name in EXPORT_COLUMNS
-    ) + F.coalesce(F.octet_length("question") + F.octet_length("answer"), F.lit(0))  # `messages`
-
-    # Phase 1: counts and sizes (small: one row per split, field and discipline).
-    counts = (
-        split_rows.groupBy("_split", "field", "discipline")
-        .agg(F.count(F.lit(1)).alias("num_rows"), F.sum(text_bytes).alias("num_bytes"))
-        .collect()
-    )
-    dropped = sum(r["num_rows"] for r in counts if r["_split"] == "dropped")
-    counts = [r for r in counts if r["_split"] != "dropped"]
-    rows_in = sum(r["num_rows"] for r in counts)
-    if dropped:
-        log.warning("export: %d rows without a question or an answer were left out", dropped)
-    split_rows_n = {s: sum(r["num_rows"] for r in counts if r["_split"] == s) for s in SPLITS}
-    split_bytes = {s: sum(r["num_bytes"] or 0 for r in counts if r["_split"] == s) for s in SPLITS}
-    shards_per_split = {s: num_shards_for(split_bytes[s], cfg.shard_size_mb, split_rows_n[s])
-                        for s in SPLITS}
-    log.info("export: %d rows in (%d train, %d held out), %s shards, seed %d",
-             rows_in, split_rows_n["train"], split_rows_n["test"], shards_per_split, seed)
-
-    per_discipline: dict[str, dict[str, int]] = {}
-    for r in counts:
-        entry = per_discipline.setdefault(r["discipline"], {"field": r["field"], "train": 0, "test": 0})
-        entry[r["_split"]] += r["num_rows"]
-    short = {d: c["test"] for d, c in sorted(per_discipline.items())
-             if c["test"] < cfg.heldout_per_discipline}
-    if short:
-        log.warning("export: %d disciplines have fewer than %d held-out pairs: %s",
-                    len(short), cfg.heldout_per_discipline,
-                    ", ".join(f"{d}={n}" for d, n in list(short.items())[:20]))
-
-    # Phase 2: one task per shard writes its file.
-    shard_expr = F.lit(0).cast("long")
-    for split in SPLITS:
-        if shards_per_split[split]:
-            shard_expr = F.when(F.col("_split") == split,
-                                _shard_column("_key", shards_per_split[split])).otherwise(shard_expr)
-    written = (
-        split_rows.filter(F.col("_split") != "dropped")
-        .withColumn("_shard", shard_expr)
-        .groupBy("_split", "_shard")
-        .applyInPandas(_shard_writer(output, cfg), SHARD_RESULT_SCHEMA)
-        .collect()
-    ) if rows_in else []
-    shards = sorted((r.asDict() for r in written), key=lambda r: (SPLITS.index(r["split"]), r["shard"]))
-
-    manifest = {
-        "format": "glan-export/1",
-        "seed": seed,
-        "order": "xxhash64(seed, id) ascending, then id; shards in name order",
-        "num_rows": rows_in,
-        "num_dropped": dropped,
-        # num_key_ranges: the key range is cut into this many slices; an empty slice writes no file.
-        "splits": {s: {"num_rows": split_rows_n[s], "num_shards": sum(1 for x in shards if x["split"] == s),
-                       "num_key_ranges": shards_per_split[s],
-                       "files": [x["path"] for x in shards if x["split"] == s]} for s in SPLITS},
-        "shards": shards,
-        "heldout": {"per_discipline": cfg.heldout_per_discipline,
-                    "max_fraction": cfg.heldout_max_fraction,
-                    "short_disciplines": short},
-        "counts": {d: per_discipline[d] for d in sorted(per_discipline)},
-        "schema": {"fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable}
-                              for f in SHARD_SCHEMA]},
-        "config": {"export": dataclasses.asdict(cfg), "run": run_config},
-        "packages": _package_versions(),
-    }
+    rows = split_rows(key_rows(instructions, seed), cfg)
+    counts = count_splits(rows, cfg)                                   # phase 1: counts and sizes
+    _log_counts(counts, cfg, seed)
+    shards = write_shards(rows, cfg, output, counts.key_ranges) if counts.num_rows else []  # phase 2
+    manifest = build_manifest(cfg, seed, counts, shards, run_config)
     _write_bytes(output, "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     _write_bytes(output, "counts.png", render_chart(manifest))
     _write_bytes(output, "README.md", render_card(manifest).encode())
@@ -317,6 +361,7 @@ def _field_counts(manifest: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 def render_chart(manifest: dict[str, Any]) -> bytes:
     """Pairs per field (stacked train/test) and the spread of pairs per discipline, as PNG."""
+    # heavy and optional (a dev extra): matplotlib loads only to draw the chart
     import matplotlib
 
     matplotlib.use("Agg")
@@ -396,8 +441,6 @@ def render_card(manifest: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from jobs.cli.args import add_config_args
-
     parser = argparse.ArgumentParser(prog="glan export", description=__doc__.split("\n")[0])
     add_config_args(parser)
     parser.add_argument("--output", required=True, help="directory or URI for shards, manifest and card")
@@ -410,23 +453,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from jobs.cli.args import config_from_args
-    from jobs.spark.session import get_spark
-    from jobs.storage.delta import read_table
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    cfg = config_from_args(args)
+def export_config(cfg: ExportConfig, args: argparse.Namespace) -> ExportConfig:
+    """The `export:` section with the flags given on the command line applied over it."""
     overrides = {name: value for name, value in (
         ("shard_size_mb", args.shard_size_mb),
         ("heldout_per_discipline", args.heldout_per_discipline),
         ("seed", args.seed),
     ) if value is not None}
     try:
-        export_cfg = dataclasses.replace(cfg.export, **overrides)
+        return dataclasses.replace(cfg, **overrides)
     except ValueError as exc:
-        raise SystemExit(f"glan export: --{str(exc).split('=')[0].replace('_', '-')}: {exc}") from None
+        raise ConfigError(f"--{str(exc).split('=')[0].replace('_', '-')}: {exc}") from None
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    """Read `instructions` (at `--version` if given) and export it as `args` say; the manifest."""
+    cfg = config_from_args(args)
+    export_cfg = export_config(cfg.export, args)
     spark = get_spark("export", master=cfg.spark.master, shuffle_partitions=cfg.spark.shuffle_partitions,
                       run_root=cfg.run_root, extra_conf=cfg.spark.conf)
     instructions = read_table(spark, "instructions", cfg, version=args.version)
@@ -437,5 +480,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         overwrite=args.overwrite, run_config=run_config)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`glan export ...` and `spark-submit jobs/export.py ...`: 0, or one line on stderr and an
+    exit code of jobs/errors.py (under `glan export` the line is printed once, here)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+
+    def export() -> int:
+        run_export(args)
+        return EXIT_OK
+
+    return run_guarded(export, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
