@@ -1,22 +1,21 @@
 """Decontamination settings: the benchmark registry, the two detectors and near-duplicate removal.
 
-Each section checks its own values; messages start with the field's name (the loader prefixes the
-section path, e.g. `decontam.minhash.num_perm=100 is not divisible by bands=16`).
+Each section checks its own values; a `SettingError` names the field and its message starts with
+it (the loader prefixes the section path, e.g. `decontam.minhash.num_perm=100 is not divisible by
+bands=16`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from udfs.config_checks import SettingError, at_least, require
 
-def _check_minhash(num_perm: int, ngram: int, threshold: float) -> None:
+
+def _check_minhash(cfg: MinHashConfig | NearDupConfig) -> None:
     """What every MinHash LSH setting needs, for the benchmark detector and near-duplicates alike."""
-    if num_perm < 1:
-        raise ValueError(f"num_perm={num_perm} must be >= 1")
-    if ngram < 1:
-        raise ValueError(f"ngram={ngram} must be >= 1")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold={threshold} must be between 0 and 1 (exclusive)")
+    at_least(cfg, 1, "num_perm", "ngram")
+    require(cfg, "threshold", 0.0 < cfg.threshold < 1.0, "must be between 0 and 1 (exclusive)")
 
 
 @dataclass(frozen=True)
@@ -31,12 +30,9 @@ class NgramConfig:
     min_matches: int = 1     # shared n-grams needed to flag a (pair, item)
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n={self.n} must be >= 1")
-        if not 1 <= self.min_words <= self.n:
-            raise ValueError(f"min_words={self.min_words} must be between 1 and n={self.n}")
-        if self.min_matches < 1:
-            raise ValueError(f"min_matches={self.min_matches} must be >= 1")
+        at_least(self, 1, "n")
+        require(self, "min_words", 1 <= self.min_words <= self.n, f"must be between 1 and n={self.n}")
+        at_least(self, 1, "min_matches")
 
 
 @dataclass(frozen=True)
@@ -56,23 +52,22 @@ class MinHashConfig:
     containment_threshold: float = 0.8  # a candidate also counts when this much of the item is in the text
 
     def __post_init__(self) -> None:
-        _check_minhash(self.num_perm, self.ngram, self.threshold)
+        _check_minhash(self)
         if self.fp_weight < 0 or self.fn_weight < 0 or self.fp_weight + self.fn_weight <= 0:
-            raise ValueError(f"fp_weight={self.fp_weight} and fn_weight={self.fn_weight} must be >= 0, not both 0")
-        if not 0.0 < self.containment_threshold <= 1.0:
-            raise ValueError(f"containment_threshold={self.containment_threshold} must be in (0, 1]")
-        if self.bands is not None and self.bands < 1:
-            raise ValueError(f"bands={self.bands} must be >= 1")
-        if self.rows is not None and self.rows < 1:
-            raise ValueError(f"rows={self.rows} must be >= 1")
-        if self.bands is not None and self.rows is None and self.num_perm % self.bands:
-            raise ValueError(f"num_perm={self.num_perm} is not divisible by bands={self.bands}")
-        if self.bands is not None and self.rows is not None and self.bands * self.rows > self.num_perm:
-            raise ValueError(f"bands={self.bands} times rows={self.rows} exceeds num_perm={self.num_perm}")
-        if self.rows is not None and self.bands is None and self.rows > self.num_perm:
-            raise ValueError(f"rows={self.rows} exceeds num_perm={self.num_perm}")
+            message = f"fp_weight={self.fp_weight} and fn_weight={self.fn_weight} must be >= 0, not both 0"
+            raise SettingError("fp_weight", message)
+        require(self, "containment_threshold", 0.0 < self.containment_threshold <= 1.0, "must be in (0, 1]")
+        at_least(self, 1, "bands", "rows", optional=True)
+        if self.bands is not None and self.rows is None:
+            require(self, "num_perm", self.num_perm % self.bands == 0, f"is not divisible by bands={self.bands}")
+        if self.bands is not None and self.rows is not None:
+            require(self, "bands", self.bands * self.rows <= self.num_perm,
+                    f"times rows={self.rows} exceeds num_perm={self.num_perm}")
+        if self.rows is not None and self.bands is None:
+            require(self, "rows", self.rows <= self.num_perm, f"exceeds num_perm={self.num_perm}")
 
     def bands_rows(self) -> tuple[int, int]:
+        # Here, not at the top: textsim imports numpy, pandas and pyarrow, which a config does not need.
         from jobs.decontam.textsim import optimal_bands_rows
 
         if self.bands is not None:
@@ -96,9 +91,8 @@ class NearDupConfig:
     max_iterations: int = 50     # label-propagation rounds before giving up (components are small)
 
     def __post_init__(self) -> None:
-        _check_minhash(self.num_perm, self.ngram, self.threshold)
-        if self.max_iterations < 1:
-            raise ValueError(f"max_iterations={self.max_iterations} must be >= 1")
+        _check_minhash(self)
+        at_least(self, 1, "max_iterations")
 
 
 @dataclass(frozen=True)
@@ -121,10 +115,8 @@ class DecontamConfig:
 
     def __post_init__(self) -> None:
         if not self.text_fields:
-            raise ValueError("text_fields must name at least one column")
-        if self.max_items_per_pair < 1:
-            raise ValueError(f"max_items_per_pair={self.max_items_per_pair} must be >= 1")
-        if self.excerpt_chars < 1:
-            raise ValueError(f"excerpt_chars={self.excerpt_chars} must be >= 1")
+            raise SettingError("text_fields", "text_fields must name at least one column")
+        at_least(self, 1, "max_items_per_pair", "excerpt_chars")
         if not (self.ngram.enabled or self.minhash.enabled):
+            # Two sections' fields, neither more to blame than the other: the loader names the section.
             raise ValueError("ngram.enabled and minhash.enabled are both false: nothing would be checked")

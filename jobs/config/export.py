@@ -2,14 +2,16 @@
 
 Defaults are the GLAN paper's values (step 7: 3 epochs, lr 3e-6, 1000 linear warm-up steps, cosine
 to a final lr of 0, about 512 pairs a batch with a constant token count per batch; GLAN-Test holds
-out 50 pairs per discipline). Each `ValueError` message starts with the field's own name; the
-loader prefixes the section path and names the file that set it.
+out 50 pairs per discipline). Each error is a `SettingError` (udfs/config_checks.py) that starts
+with and names the field; the loader prefixes the section path and names the file that set it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from udfs.config_checks import at_least, positive, require
 
 
 @dataclass(frozen=True)
@@ -27,17 +29,12 @@ class ExportConfig:
     system_prompt: str | None = None      # when set, `messages` starts with a system turn
 
     def __post_init__(self) -> None:
-        if self.heldout_per_discipline < 0:
-            raise ValueError(f"heldout_per_discipline={self.heldout_per_discipline} must be >= 0")
-        if not 0.0 <= self.heldout_max_fraction <= 1.0:
-            raise ValueError(f"heldout_max_fraction={self.heldout_max_fraction} must be in [0, 1]")
-        if self.shard_size_mb <= 0:
-            raise ValueError(f"shard_size_mb={self.shard_size_mb} must be > 0")
-        if self.row_group_rows < 1:
-            raise ValueError(f"row_group_rows={self.row_group_rows} must be >= 1")
-        if self.compression_level is not None and self.compression in ("none", "snappy"):
-            raise ValueError(f"compression_level={self.compression_level} is not supported by "
-                             f"compression={self.compression!r}")
+        at_least(self, 0, "heldout_per_discipline")
+        require(self, "heldout_max_fraction", 0.0 <= self.heldout_max_fraction <= 1.0, "must be in [0, 1]")
+        positive(self, "shard_size_mb")
+        at_least(self, 1, "row_group_rows")
+        require(self, "compression_level", self.compression_level is None or self.compression not in ("none", "snappy"),
+                f"is not supported by compression={self.compression!r}")
 
 
 @dataclass(frozen=True)
@@ -63,28 +60,14 @@ class TrainConfig:
     bf16: bool = True                     # ignored on CPU, which trains in fp32
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs} must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
-        if not 0 <= self.final_lr <= self.lr:
-            raise ValueError(f"final_lr={self.final_lr} must be in [0, lr={self.lr}]")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
-        if self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping)")
-        if self.pairs_per_step < 1:
-            raise ValueError(f"pairs_per_step={self.pairs_per_step} must be >= 1")
-        if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 2")
-        if self.micro_batch_tokens < self.max_seq_len:
-            raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= "
-                             f"max_seq_len={self.max_seq_len} so that every sequence fits a batch")
-        if self.save_every_steps < 0:
-            raise ValueError(f"save_every_steps={self.save_every_steps} must be >= 0")
-        if self.eval_every_steps < 0:
-            raise ValueError(f"eval_every_steps={self.eval_every_steps} must be >= 0")
-        if self.log_every_steps < 1:
-            raise ValueError(f"log_every_steps={self.log_every_steps} must be >= 1")
+        at_least(self, 1, "epochs")
+        positive(self, "lr")
+        require(self, "final_lr", 0 <= self.final_lr <= self.lr, f"must be in [0, lr={self.lr}]")
+        at_least(self, 0, "warmup_steps", "weight_decay")
+        at_least(self, 0, "max_grad_norm", note=" (0 disables clipping)")
+        at_least(self, 1, "pairs_per_step")
+        at_least(self, 2, "max_seq_len")
+        require(self, "micro_batch_tokens", self.micro_batch_tokens >= self.max_seq_len,
+                f"must be >= max_seq_len={self.max_seq_len} so that every sequence fits a batch")
+        at_least(self, 0, "save_every_steps", "eval_every_steps")
+        at_least(self, 1, "log_every_steps")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from udfs.config_checks import at_least, require
 from udfs.llm.config import StageLLMConfig
 
 STRONG_MODEL = "gpt-4o"
@@ -30,10 +31,7 @@ class SubjectsConfig:
     convert_llm: StageLLMConfig = field(default_factory=lambda: _strong(0.0, 1.0, 4096))
 
     def __post_init__(self) -> None:
-        if self.samples_per_discipline < 1:
-            raise ValueError(f"samples_per_discipline={self.samples_per_discipline} must be >= 1")
-        if self.max_subjects_per_sample < 1:
-            raise ValueError(f"max_subjects_per_sample={self.max_subjects_per_sample} must be >= 1")
+        at_least(self, 1, "samples_per_discipline", "max_subjects_per_sample")
 
 
 @dataclass(frozen=True)
@@ -46,10 +44,7 @@ class SyllabusConfig:
     extract_llm: StageLLMConfig = field(default_factory=lambda: _strong(0.0, 1.0, 4096))
 
     def __post_init__(self) -> None:
-        if self.max_sessions < 1:
-            raise ValueError(f"max_sessions={self.max_sessions} must be >= 1")
-        if self.max_concepts_per_session < 1:
-            raise ValueError(f"max_concepts_per_session={self.max_concepts_per_session} must be >= 1")
+        at_least(self, 1, "max_sessions", "max_concepts_per_session")
 
 
 @dataclass(frozen=True)
@@ -83,10 +78,6 @@ class PipelineConfig:
     max_failed_share: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("rows_per_task", "max_tasks", "commit_every_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if not 0.0 <= self.max_failed_share <= 1.0:
-            raise ValueError(f"max_failed_share={self.max_failed_share} must be between 0 and 1")
-        if self.spool_stale_after_s < 60:
-            raise ValueError(f"spool_stale_after_s={self.spool_stale_after_s} must be >= 60 (heartbeats come every 30 s)")
+        at_least(self, 1, "rows_per_task", "max_tasks", "commit_every_rows")
+        require(self, "max_failed_share", 0.0 <= self.max_failed_share <= 1.0, "must be between 0 and 1")
+        at_least(self, 60, "spool_stale_after_s", note=" (heartbeats come every 30 s)")

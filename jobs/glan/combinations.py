@@ -39,6 +39,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from udfs.config_checks import SettingError, at_least
+
 Strategy = Literal["basic", "challenging"]
 
 ENUMERATE_LIMIT = 50_000  # a strategy space this small is enumerated once half of it is used
@@ -223,13 +225,16 @@ class _ChallengingSpace(_Space):
 
 def _check_ranges(share_challenging: float, basic_min: int, basic_max: int,
                   challenging_min: int, challenging_max: int) -> None:
+    # The names are CombinationsConfig's fields, which these arguments carry.
     if not 0.0 <= share_challenging <= 1.0:
-        raise ValueError(f"share_challenging={share_challenging} must be within 0..1")
+        raise SettingError("share_challenging", f"share_challenging={share_challenging} must be within 0..1")
     if not 1 <= basic_min <= basic_max:
-        raise ValueError(f"basic_min_concepts={basic_min} must be >= 1 and <= basic_max_concepts={basic_max}")
+        message = f"basic_min_concepts={basic_min} must be >= 1 and <= basic_max_concepts={basic_max}"
+        raise SettingError("basic_min_concepts", message)
     if not 2 <= challenging_min <= challenging_max:
-        raise ValueError(f"challenging_min_concepts={challenging_min} must be >= 2 (one concept from "
-                         f"each session) and <= challenging_max_concepts={challenging_max}")
+        message = (f"challenging_min_concepts={challenging_min} must be >= 2 (one concept from each session) "
+                   f"and <= challenging_max_concepts={challenging_max}")
+        raise SettingError("challenging_min_concepts", message)
 
 
 def is_challenging_position(i: int, share_challenging: float) -> bool:
@@ -302,10 +307,9 @@ class CombinationsConfig:
     seed: int | str = 0
 
     def __post_init__(self) -> None:
-        if self.questions_per_syllabus < 1:
-            raise ValueError(f"questions_per_syllabus={self.questions_per_syllabus} must be >= 1")
+        at_least(self, 1, "questions_per_syllabus")
         if isinstance(self.seed, str) and not self.seed.strip():
-            raise ValueError("seed= must not be empty")
+            raise SettingError("seed", "seed= must not be empty")
         _check_ranges(self.share_challenging, self.basic_min_concepts, self.basic_max_concepts,
                       self.challenging_min_concepts, self.challenging_max_concepts)
 

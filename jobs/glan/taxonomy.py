@@ -36,6 +36,7 @@ import yaml
 
 from jobs.config.files import find_conf_file
 from jobs.errors import InputError
+from udfs.config_checks import SettingError, at_least
 
 PROPOSE_PROMPT = "taxonomy_propose"
 
@@ -102,15 +103,12 @@ class TaxonomyConfig:
 
     def __post_init__(self) -> None:
         if not self.file or not self.file.strip():
-            raise ValueError("file= must not be empty")
-        for i, name in enumerate(self.disciplines):
-            if not name or not name.strip():
-                raise ValueError(f"disciplines[{i}] must not be empty")
-        for i, text in enumerate(self.propose_instructions):
-            if not text or not text.strip():
-                raise ValueError(f"propose_instructions[{i}] must not be empty")
-        if self.proposals_per_instruction < 1:
-            raise ValueError(f"proposals_per_instruction={self.proposals_per_instruction} must be >= 1")
+            raise SettingError("file", "file= must not be empty")
+        for name in ("disciplines", "propose_instructions"):
+            for i, text in enumerate(getattr(self, name)):
+                if not text or not text.strip():
+                    raise SettingError(name, f"{name}[{i}] must not be empty")
+        at_least(self, 1, "proposals_per_instruction")
 
     def path(self) -> Path:
         return find_conf_file(self.file)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from udfs.config_checks import SettingError, at_least, positive, require
+
 
 @dataclass(frozen=True)
 class EmbeddedEndpointConfig:
@@ -23,16 +25,9 @@ class EmbeddedEndpointConfig:
     repeat_penalty: float = 1.1
 
     def __post_init__(self) -> None:
-        if self.n_ctx < 512:
-            raise ValueError(f"n_ctx={self.n_ctx} is below 512")
-        for name in ("n_threads", "slots", "servers"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
-        if self.startup_timeout_s <= 0:
-            raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be > 0")
-        if self.repeat_penalty <= 0:
-            raise ValueError(f"repeat_penalty={self.repeat_penalty} must be > 0")
+        require(self, "n_ctx", self.n_ctx >= 512, "is below 512")
+        at_least(self, 1, "n_threads", "slots", "servers", optional=True)
+        positive(self, "startup_timeout_s", "repeat_penalty")
 
 
 @dataclass(frozen=True)
@@ -61,22 +56,14 @@ class LLMConfig:
     embedded: EmbeddedEndpointConfig = field(default_factory=EmbeddedEndpointConfig)
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s={self.timeout_s} must be > 0")
-        if self.max_in_flight_per_task < 1:
-            raise ValueError(f"max_in_flight_per_task={self.max_in_flight_per_task} must be >= 1")
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts={self.max_attempts} must be >= 1")
-        if self.backoff_initial_s <= 0:
-            raise ValueError(f"backoff_initial_s={self.backoff_initial_s} must be > 0")
-        if self.backoff_max_s < self.backoff_initial_s:
-            raise ValueError(f"backoff_max_s={self.backoff_max_s} must be >= backoff_initial_s={self.backoff_initial_s}")
-        for name in ("requests_per_minute", "tokens_per_minute"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}={value} must be > 0 or null")
+        positive(self, "timeout_s")
+        at_least(self, 1, "max_in_flight_per_task", "max_attempts")
+        positive(self, "backoff_initial_s")
+        require(self, "backoff_max_s", self.backoff_max_s >= self.backoff_initial_s,
+                f"must be >= backoff_initial_s={self.backoff_initial_s}")
+        positive(self, "requests_per_minute", "tokens_per_minute", optional=True, note=" or null")
         if self.endpoint == "azure" and not self.api_version:
-            raise ValueError("api_version is required when endpoint is azure")
+            raise SettingError("api_version", "api_version is required when endpoint is azure")
 
 
 @dataclass(frozen=True)
@@ -90,11 +77,7 @@ class StageLLMConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature={self.temperature} is outside [0, 2]")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} is outside (0, 1]")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0 or null")
+        require(self, "temperature", 0.0 <= self.temperature <= 2.0, "is outside [0, 2]")
+        require(self, "top_p", 0.0 < self.top_p <= 1.0, "is outside (0, 1]")
+        at_least(self, 1, "max_tokens")
+        at_least(self, 0, "seed", optional=True, note=" or null")
