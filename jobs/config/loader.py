@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,11 +16,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from jobs.config.files import find_conf_file, read_yaml
-from jobs.errors import ConfigError
 from jobs.config.decontam import DecontamConfig
-from jobs.glan.combinations import CombinationsConfig
 from jobs.config.export import ExportConfig, TrainConfig
+from jobs.config.files import find_conf_file, read_yaml
 from jobs.config.stages import (
     AnswersConfig,
     PipelineConfig,
@@ -29,7 +26,10 @@ from jobs.config.stages import (
     SubjectsConfig,
     SyllabusConfig,
 )
+from jobs.errors import ConfigError
+from jobs.glan.combinations import CombinationsConfig
 from jobs.glan.taxonomy import TaxonomyConfig
+from udfs.config_checks import SettingError, at_least
 from udfs.llm.config import LLMConfig
 
 BASE_CONF = "base.yaml"
@@ -46,9 +46,8 @@ class StorageConfig:
 
     def __post_init__(self) -> None:
         if self.catalog and not self.schema:
-            raise ValueError("schema is required when catalog is set")
-        if self.commit_retries < 0:
-            raise ValueError(f"commit_retries={self.commit_retries} must be >= 0")
+            raise SettingError("schema", "schema is required when catalog is set")
+        at_least(self, 0, "commit_retries")
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,7 @@ class SparkConfig:
     conf: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.shuffle_partitions < 1:
-            raise ValueError(f"shuffle_partitions={self.shuffle_partitions} must be >= 1")
+        at_least(self, 1, "shuffle_partitions")
 
 
 @dataclass(frozen=True)
@@ -86,10 +84,11 @@ class GlanConfig:
 
     def __post_init__(self) -> None:
         if not self.run_root or not str(self.run_root).strip():
-            raise ValueError("run_root must not be empty")
+            raise SettingError("run_root", "run_root must not be empty")
 
     def table_uri(self, name: str) -> str:
         """`<run_root>/<name>`: local paths are made absolute, URIs are kept as they are."""
+        # Here, not at the top: it imports pyspark and pyarrow, which loading a config does not need.
         from jobs.spark.session import is_local_path, local_path
 
         if is_local_path(self.run_root):
@@ -200,6 +199,11 @@ def _coerce(value: Any, tp: Any, key: str, origin: dict[str, str]) -> Any:
                 for k, v in value.items()}
     if tp is Any:
         return value
+    return _coerce_scalar(value, tp, key, source)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str, source: str) -> Any:
+    """A bool, int, float or str; an int is taken for a float, and a `--set` number or date for a str."""
     if value is None:
         raise ConfigError(f"{source}: {key} must be a {_type_name(tp)}, not null")
     if tp is bool:
@@ -240,12 +244,11 @@ def _build(cls: type, data: dict[str, Any], origin: dict[str, str], prefix: str 
     try:
         return cls(**kwargs)
     except ValueError as exc:
-        # By convention a section's message starts with its own field name; prefix it with the
-        # section's path and name the file that set that field.
-        message = str(exc)
-        field_name = re.split(r"[\s=]", message, maxsplit=1)[0]
+        # A section's message starts with its own field name: prefix it with the section's path and
+        # name the file that set that field (a plain ValueError names no field: the section's file).
+        field_name = exc.field if isinstance(exc, SettingError) else None
         key = f"{prefix}{field_name}" if field_name in fields else prefix.rstrip(".")
-        raise ConfigError(f"{_where(origin, key)}: {prefix}{message}") from None
+        raise ConfigError(f"{_where(origin, key)}: {prefix}{exc}") from None
 
 
 def _default_of(f: dataclasses.Field) -> Any:
