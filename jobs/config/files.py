@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.resources.abc  # noqa: F401 - for the Traversable annotation
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import yaml
 from jobs.errors import ConfigError
 
 
-def find_conf_file(name: str) -> Path | resources.abc.Traversable:
+def find_conf_file(name: str) -> Path | Traversable:
     """A path as given, else a file of that name in the packaged `conf/` (so `--conf emr.yaml`
     works on a cluster where only the installed package, or the --py-files zip, is present).
     Either way the result has `.read_text()` and `.name`."""
@@ -27,7 +27,7 @@ def find_conf_file(name: str) -> Path | resources.abc.Traversable:
     raise ConfigError(f"config file not found: {name}")
 
 
-def read_yaml(path: Path | resources.abc.Traversable) -> dict[str, Any]:
+def read_yaml(path: Path | Traversable) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
