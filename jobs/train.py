@@ -50,11 +50,29 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # `python jobs/train.py` from a checkout that is not installed: find `jobs` there
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from jobs.cli.args import add_config_args, config_from_args
+from jobs.cli.guard import run_guarded
+from jobs.config.export import TrainConfig
+from jobs.errors import EXIT_OK, ConfigError, GlanError
+from jobs.spark.session import arrow_filesystem
+from jobs.training import recipe as training
+from jobs.training.tokenized import TokenizedSplit, prepare_split
+
 log = logging.getLogger("glan.train")
+
+PROG = "jobs/train.py"  # how this job's one-line errors start
 
 _DIST_DEFAULTS = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -91,8 +109,6 @@ def resolve_deepspeed_config(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_file():
         return path
-    from importlib import resources
-
     packaged = resources.files("conf") / "deepspeed" / Path(name).name
     if packaged.is_file():
         return Path(str(packaged))
@@ -133,8 +149,6 @@ def _walk(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def load_manifest(export: str) -> tuple[dict[str, Any], str]:
     """The export's manifest and its folder; `export` is a folder or its manifest.json, a local
     path or any URI pyarrow reads (s3://, gs://, abfs://, hdfs://, dbfs:/)."""
-    from jobs.spark.session import arrow_filesystem
-
     export = export.rstrip("/")
     root = export[: -len("/manifest.json")] if export.endswith("/manifest.json") else export
     filesystem, path = arrow_filesystem(f"{root}/manifest.json")
@@ -156,7 +170,7 @@ def check_resumable(resume_dir: Path, plan: dict[str, Any]) -> None:
     micro-step count would then point at other batches, repeating or skipping examples."""
     latest = resume_dir / "latest"
     if not latest.is_file():
-        raise SystemExit(f"jobs/train.py: no DeepSpeed checkpoint to resume from in {resume_dir}")
+        raise GlanError(f"no DeepSpeed checkpoint to resume from in {resume_dir}")
     saved_path = resume_dir / latest.read_text().strip() / PLAN_FILE
     if not saved_path.is_file():
         log.warning("%s has no %s; cannot check that it was trained with this batch plan", saved_path.parent,
@@ -165,9 +179,9 @@ def check_resumable(resume_dir: Path, plan: dict[str, Any]) -> None:
     saved = json.loads(saved_path.read_text())
     changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in plan.items() if saved.get(key) != value]
     if changed:
-        raise SystemExit(f"jobs/train.py: cannot resume from {saved_path.parent}: it was trained with "
-                         f"{', '.join(changed)}, so its step count would point at other batches; resume with "
-                         "the same settings or start a new --output")
+        raise GlanError(f"cannot resume from {saved_path.parent}: it was trained with {', '.join(changed)}, so "
+                        "its step count would point at other batches; resume with the same settings or start a "
+                        "new --output")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,9 +189,7 @@ def check_resumable(resume_dir: Path, plan: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from jobs.cli.args import add_config_args
-
-    parser = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     add_config_args(parser)
     parser.add_argument("--export", required=True, help="export directory (or its manifest.json)")
     parser.add_argument("--output", required=True, help="checkpoints, metrics.jsonl and the final hf/ model")
@@ -215,66 +227,94 @@ _TRAIN_FLAGS = ("model", "deepspeed_config", "epochs", "lr", "final_lr", "warmup
                 "log_every_steps")
 
 
-def train_config(args: argparse.Namespace):
-    """The `train:` section with every flag given on the command line applied over it."""
-    from jobs.cli.args import config_from_args
-
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The `train:` section with every flag given on the command line applied over it; a model is
+    required."""
     cfg = config_from_args(args)
     overrides = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
     try:
-        return cfg, dataclasses.replace(cfg.train, **overrides)
+        tcfg = dataclasses.replace(cfg.train, **overrides)
     except ValueError as exc:
-        raise SystemExit(f"jobs/train.py: {exc}") from None
+        raise ConfigError(str(exc)) from None
+    if not tcfg.model:
+        raise ConfigError("no model; pass --model or set train.model")
+    return tcfg
 
 
 # ---------------------------------------------------------------------------------------------
-# The job
+# Start-up: ranks, data, the batch plan, the engine
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    cfg, tcfg = train_config(args)
-    if not tcfg.model:
-        raise SystemExit("jobs/train.py: no model; pass --model or set train.model")
-    set_single_process_defaults()
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job."""
 
+    rank: int
+    world_size: int
+    on_gpu: bool
+    barrier: Callable[[], None]  # waits for every rank
+
+
+def init_distributed(seed: int) -> Ranks:
+    """Join the process group through DeepSpeed on this rank's device; rank 0 logs at INFO, the
+    others only warnings."""
+    # heavy: torch and DeepSpeed load only once training starts
     import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from jobs.training import recipe as training
-    from jobs.training.tokenized import prepare_split
 
     on_gpu = get_accelerator().device_name() != "cpu"
     if not on_gpu:
         skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_gpu:
-        get_accelerator().set_device(local_rank)
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
-    use_bf16 = tcfg.bf16 and on_gpu  # CPU trains in fp32
-    torch.manual_seed(tcfg.seed)
-    output = Path(args.output)
-    checkpoints = output / "checkpoints"
-    started = time.monotonic()
+    torch.manual_seed(seed)
+    return Ranks(rank=rank, world_size=world_size, on_gpu=on_gpu, barrier=dist.barrier)
 
-    # Phase 1: data and plan. The ranks tokenise the shards between them into a shared cache;
-    # then every rank computes the same plan from the same lengths, so nothing else is exchanged.
+
+def load_data(args: argparse.Namespace, tcfg: TrainConfig, ranks: Ranks,
+              output: Path) -> tuple[Any, TokenizedSplit, TokenizedSplit]:
+    """The tokenizer and the train and held-out splits. The ranks tokenise the shards between them
+    into OUTPUT/tokenized (every rank must call this); an export that cannot be read is a GlanError."""
+    # heavy: transformers loads only for training
+    from transformers import AutoTokenizer
+
     try:
         manifest, root = load_manifest(args.export)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or tcfg.model)
         system_prompt = (manifest.get("config", {}).get("export") or {}).get("system_prompt")
         prepare = partial(prepare_split, manifest, root, tokenizer=tokenizer, max_len=tcfg.max_seq_len,
-                          system_prompt=system_prompt, cache_root=output / "tokenized", rank=rank,
-                          world_size=world_size, barrier=dist.barrier, verify=not args.no_verify)
-        data, heldout = prepare(split="train"), prepare(split="test")
+                          system_prompt=system_prompt, cache_root=output / "tokenized", rank=ranks.rank,
+                          world_size=ranks.world_size, barrier=ranks.barrier, verify=not args.no_verify)
+        return tokenizer, prepare(split="train"), prepare(split="test")
     except (OSError, ValueError, RuntimeError) as exc:
-        raise SystemExit(f"jobs/train.py: {exc}") from None
+        raise GlanError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What every rank computes alike from the same lengths, so nothing else is exchanged."""
+
+    epoch: Callable[..., list[list[list[int]]]]  # epoch(epoch=e)[rank]: that rank's micro-batches
+    summary: dict[str, float]                    # plan_summary of epoch 0, for the log
+    accumulation: int                            # micro-batches per optimizer step
+    total_steps: int
+    step_tokens: np.ndarray                      # answer tokens of each step, over every rank
+
+    def identity(self, tcfg: TrainConfig, world_size: int, data: TokenizedSplit) -> dict[str, Any]:
+        """What the micro-step count of a checkpoint means; a resume must find the same."""
+        return {"world_size": world_size, "accumulation": self.accumulation, "seed": tcfg.seed,
+                "micro_batch_tokens": tcfg.micro_batch_tokens, "data": data.directory.name}
+
+
+def plan_batches(data: TokenizedSplit, tcfg: TrainConfig, world_size: int, max_steps: int | None) -> BatchPlan:
+    """Token-budget batches of every epoch, the accumulation that reaches about `pairs_per_step`
+    pairs a step, the number of steps and each step's answer tokens (the loss's divisor)."""
     lengths, label_counts = data.lengths, data.label_counts()
     plan_for = partial(training.pack_batches, lengths, tcfg.micro_batch_tokens, seed=tcfg.seed,
                        world_size=world_size)
@@ -286,47 +326,62 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del first_plan
     epoch_tokens += [training.batch_label_tokens(plan_for(epoch=e), label_counts) for e in range(1, tcfg.epochs)]
     total_steps = training.total_optimizer_steps([t.shape[1] for t in epoch_tokens], accumulation)
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    if max_steps:
+        total_steps = min(total_steps, max_steps)
     if total_steps < 1:
-        raise SystemExit(f"jobs/train.py: {len(data)} pairs give no optimizer step with "
-                         f"{accumulation} micro-batches per step; lower --pairs-per-step")
+        raise ConfigError(f"{len(data)} pairs give no optimizer step with {accumulation} micro-batches per "
+                          "step; lower --pairs-per-step")
     step_tokens = training.step_label_tokens(epoch_tokens, accumulation, total_steps)
-    del epoch_tokens
     if tcfg.warmup_steps >= total_steps:
         log.warning("warm-up (%d steps) is not shorter than the run (%d steps)", tcfg.warmup_steps, total_steps)
-    # What the micro-step count of a checkpoint means; a resume must find the same.
-    plan_identity = {"world_size": world_size, "accumulation": accumulation, "seed": tcfg.seed,
-                     "micro_batch_tokens": tcfg.micro_batch_tokens, "data": data.directory.name}
-    resume_dir = None
-    if args.resume:
-        resume_dir = checkpoints if args.resume == "latest" else Path(args.resume)
-        check_resumable(resume_dir, plan_identity)
-    log.info("data: %d pairs, %d ranks, %s; %d micro-batches per step, %d optimizer steps, %.0f answer tokens "
-             "per step", len(data), world_size, {k: round(v, 3) for k, v in first.items()}, accumulation,
-             total_steps, float(step_tokens.mean()))
-    # The held-out split (GLAN-Test) in budget-packed batches, the same number on every rank.
-    heldout_batches = (training.pack_batches(heldout.lengths, tcfg.micro_batch_tokens, seed=tcfg.seed, epoch=0,
-                                             world_size=world_size)[rank] if len(heldout) else [])
-    heldout_counts = heldout.label_counts()
+    return BatchPlan(epoch=plan_for, summary=first, accumulation=accumulation, total_steps=total_steps,
+                     step_tokens=step_tokens)
 
-    # Phase 2: model and engine.
+
+def resume_directory(resume: str | None, checkpoints: Path, identity: dict[str, Any]) -> Path | None:
+    """The checkpoint folder `--resume` names (None without it), checked before the model loads."""
+    if not resume:
+        return None
+    resume_dir = checkpoints if resume == "latest" else Path(resume)
+    check_resumable(resume_dir, identity)
+    return resume_dir
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The DeepSpeed engine and its lr scheduler."""
+
+    engine: Any
+    scheduler: Any
+    zero3: bool
+    hf_config: Any = None  # ZeRO-3: transformers partitions the weights only while this lives
+
+
+def build_engine(tcfg: TrainConfig, plan: BatchPlan, ranks: Ranks) -> Engine:
+    """The model in a DeepSpeed engine with AdamW and the warm-up + cosine schedule."""
+    # heavy: torch, DeepSpeed and transformers load only for training
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    use_bf16 = tcfg.bf16 and ranks.on_gpu  # CPU trains in fp32
     base = json.loads(resolve_deepspeed_config(tcfg.deepspeed_config).read_text())
     ds_config = build_deepspeed_config(base, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                                       max_grad_norm=tcfg.max_grad_norm, accumulation=accumulation,
-                                       world_size=world_size, bf16=use_bf16)
+                                       max_grad_norm=tcfg.max_grad_norm, accumulation=plan.accumulation,
+                                       world_size=ranks.world_size, bf16=use_bf16)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    hf_config = None
     if zero3:
+        # heavy: part of transformers
         from transformers.integrations import HfDeepSpeedConfig
 
         # Must stay alive while the model loads: from_pretrained then partitions as it loads.
-        ds_hf_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(tcfg.model, dtype=dtype)
+        hf_config = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(tcfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32)
     if tcfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
-    schedule = partial(training.lr_factor, total_steps=total_steps, warmup_steps=tcfg.warmup_steps,
+    schedule = partial(training.lr_factor, total_steps=plan.total_steps, warmup_steps=tcfg.warmup_steps,
                        final_ratio=tcfg.final_lr / tcfg.lr)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -334,108 +389,218 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
+    return Engine(engine=engine, scheduler=scheduler, zero3=zero3, hf_config=hf_config)
 
-    start_micro = 0
-    if resume_dir is not None:
-        load_path, client_state = engine.load_checkpoint(str(resume_dir))
-        if load_path is None:
-            raise SystemExit(f"jobs/train.py: no DeepSpeed checkpoint to resume from in {resume_dir}")
-        start_micro = int(client_state["micro_step"])
-        log.info("resumed from %s at optimizer step %d", load_path, start_micro // accumulation)
 
-    # Phase 3: the loop. Micro-batches run back to back across epochs.
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    metrics_path = output / "metrics.jsonl"
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
+def resume_micro_step(engine: Any, resume_dir: Path | None, accumulation: int) -> int:
+    """Load the checkpoint in `resume_dir`; the micro-step it reached (0 for a new run)."""
+    if resume_dir is None:
+        return 0
+    load_path, client_state = engine.load_checkpoint(str(resume_dir))
+    if load_path is None:
+        raise GlanError(f"no DeepSpeed checkpoint to resume from in {resume_dir}")
+    start_micro = int(client_state["micro_step"])
+    log.info("resumed from %s at optimizer step %d", load_path, start_micro // accumulation)
+    return start_micro
 
-    def tensors(examples: Any, indices: list[int]) -> dict[str, Any]:
-        padded = training.pad_batch([examples.example(i) for i in indices], pad_id)
-        return {key: torch.tensor(value, device=engine.device) for key, value in padded.items()}
 
-    def evaluate() -> float | None:
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class Trainer:
+    """The training loop and its parts: batches as tensors, the held-out loss, checkpoints, metrics."""
+
+    def __init__(self, built: Engine, data: TokenizedSplit, heldout: TokenizedSplit, plan: BatchPlan, *,
+                 tcfg: TrainConfig, ranks: Ranks, output: Path, pad_id: int, identity: dict[str, Any]) -> None:
+        self.engine, self.scheduler = built.engine, built.scheduler
+        self.data, self.heldout, self.plan, self.tcfg, self.ranks = data, heldout, plan, tcfg, ranks
+        self.pad_id, self.identity = pad_id, identity
+        self.checkpoints, self.metrics_path = output / "checkpoints", output / "metrics.jsonl"
+        # The held-out split (GLAN-Test) in budget-packed batches, the same number on every rank.
+        self.heldout_batches = (training.pack_batches(heldout.lengths, tcfg.micro_batch_tokens, seed=tcfg.seed,
+                                                      epoch=0, world_size=ranks.world_size)[ranks.rank]
+                                if len(heldout) else [])
+        self.heldout_counts = heldout.label_counts()
+
+    def tensors(self, examples: TokenizedSplit, indices: list[int]) -> dict[str, Any]:
+        # heavy: torch loads only for training
+        import torch
+
+        padded = training.pad_batch([examples.example(i) for i in indices], self.pad_id)
+        return {key: torch.tensor(value, device=self.engine.device) for key, value in padded.items()}
+
+    def evaluate(self) -> float | None:
         """Mean loss over every answer token of the held-out split (all ranks take part)."""
-        if not len(heldout):
+        # heavy: torch loads only for training
+        import torch
+        import torch.distributed as dist
+
+        if not len(self.heldout):
             return None
-        engine.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        self.engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.engine.device)
         with torch.no_grad():
-            for indices in heldout_batches:
-                summed = engine(**tensors(heldout, indices), num_items_in_batch=1.0).loss  # a sum
-                totals += torch.stack([summed.double(), totals.new_tensor(float(heldout_counts[indices].sum()))])
+            for indices in self.heldout_batches:
+                summed = self.engine(**self.tensors(self.heldout, indices), num_items_in_batch=1.0).loss  # a sum
+                answer_tokens = totals.new_tensor(float(self.heldout_counts[indices].sum()))
+                totals += torch.stack([summed.double(), answer_tokens])
         dist.all_reduce(totals)
-        engine.train()
+        self.engine.train()
         return float(totals[0] / totals[1].clamp(min=1.0))
 
-    def save(step: int) -> None:
-        engine.save_checkpoint(str(checkpoints), tag=f"step-{step}", client_state={"micro_step": micro})
-        if rank == 0:
-            (checkpoints / f"step-{step}" / PLAN_FILE).write_text(json.dumps({**plan_identity, "micro_step": micro}))
+    def save(self, step: int, micro: int) -> None:
+        """A DeepSpeed checkpoint for --resume, with the batch plan it was trained under."""
+        self.engine.save_checkpoint(str(self.checkpoints), tag=f"step-{step}", client_state={"micro_step": micro})
+        if self.ranks.rank == 0:
+            plan = json.dumps({**self.identity, "micro_step": micro})
+            (self.checkpoints / f"step-{step}" / PLAN_FILE).write_text(plan)
 
-    micro, window_loss, window_tokens, last_saved, eval_loss = 0, None, 0, -1, None
-    step_started = time.monotonic()
-    engine.train()
-    for epoch in range(tcfg.epochs):
-        if micro >= total_steps * accumulation:
-            break
-        batches = plan_for(epoch=epoch)[rank]
-        for indices in batches:
-            if micro >= total_steps * accumulation:
+    def micro_step(self, indices: list[int], micro: int) -> tuple[Any, float]:
+        """Forward and backward of one micro-batch; its loss (on the device) and the lr it used."""
+        batch = self.tensors(self.data, indices)
+        # Summed token loss over a share of the step's answer tokens: the step's gradient is that
+        # of the mean over all of its answer tokens, on every rank and micro-batch.
+        divisor = training.loss_divisor(self.plan.step_tokens[micro // self.plan.accumulation],
+                                         self.plan.accumulation, self.ranks.world_size)
+        loss = self.engine(**batch, num_items_in_batch=divisor).loss
+        self.engine.backward(loss)
+        lr_used = self.scheduler.get_last_lr()[0]  # the lr of the update engine.step() may apply now
+        self.engine.step()
+        return loss.detach(), lr_used
+
+    def finish_step(self, step: int, epoch: int, window_loss: Any, window_tokens: int, lr_used: float,
+                    step_started: float, eval_loss: float | None) -> float | None:
+        """After a step's last micro-batch: its loss and tokens over all ranks, the held-out loss
+        when due, and rank 0's metrics line. Returns the latest held-out loss."""
+        # heavy: torch loads only for training
+        import torch
+        import torch.distributed as dist
+
+        summary = torch.stack([window_loss.float() / self.plan.accumulation,
+                               torch.tensor(float(window_tokens), device=window_loss.device)])
+        dist.all_reduce(summary)
+        elapsed = time.monotonic() - step_started  # the step's own time, without the evaluation
+        every = self.tcfg.eval_every_steps
+        evaluated = step == self.plan.total_steps or (every and step % every == 0)
+        if evaluated:
+            eval_loss = self.evaluate()
+        if self.ranks.rank == 0:
+            record = {"step": step, "epoch": epoch, "loss": summary[0].item() / self.ranks.world_size,
+                      "lr": lr_used, "tokens": int(summary[1].item()),
+                      "answer_tokens": int(self.plan.step_tokens[step - 1]),
+                      "tokens_per_s": summary[1].item() / max(elapsed, 1e-9)}
+            if evaluated and eval_loss is not None:
+                record["eval_loss"] = eval_loss
+            self.report(record)
+        return eval_loss
+
+    def report(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl per step; the log every `log_every_steps` and at evaluations."""
+        with self.metrics_path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        step, total = record["step"], self.plan.total_steps
+        if step % self.tcfg.log_every_steps == 0 or step == total:
+            log.info("step %d/%d epoch %d loss %.4f lr %.3g tokens/s %.0f", step, total, record["epoch"],
+                     record["loss"], record["lr"], record["tokens_per_s"])
+        if "eval_loss" in record:
+            log.info("step %d: held-out loss %.4f over %d pairs", step, record["eval_loss"], len(self.heldout))
+
+    def run(self, start_micro: int) -> tuple[int, float | None]:
+        """Micro-batches back to back across epochs, skipping the `start_micro` a resume has done;
+        returns the last optimizer step and the last held-out loss."""
+        accumulation, end = self.plan.accumulation, self.plan.total_steps * self.plan.accumulation
+        micro, window_loss, window_tokens, last_saved, eval_loss = 0, None, 0, -1, None
+        step_started = time.monotonic()
+        self.engine.train()
+        for epoch in range(self.tcfg.epochs):
+            if micro >= end:
                 break
-            if micro < start_micro:
+            for indices in self.plan.epoch(epoch=epoch)[self.ranks.rank]:
+                if micro >= end:
+                    break
+                if micro < start_micro:
+                    micro += 1
+                    continue
+                loss, lr_used = self.micro_step(indices, micro)
                 micro += 1
-                continue
-            batch = tensors(data, indices)
-            # Summed token loss over a share of the step's answer tokens: the step's gradient is
-            # that of the mean over all of its answer tokens, on every rank and micro-batch.
-            divisor = training.loss_divisor(step_tokens[micro // accumulation], accumulation, world_size)
-            loss = engine(**batch, num_items_in_batch=divisor).loss
-            engine.backward(loss)
-            lr_used = scheduler.get_last_lr()[0]  # the lr of the update engine.step() may apply now
-            engine.step()
-            micro += 1
-            # Kept on the device until the step ends: no host sync per micro-batch.
-            window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()
-            window_tokens += int(lengths[indices].sum())
-            if micro % accumulation:
-                continue
-            step = micro // accumulation
-            summary = torch.stack([window_loss.float() / accumulation,
-                                   torch.tensor(float(window_tokens), device=window_loss.device)])
-            dist.all_reduce(summary)
-            window_loss, window_tokens = None, 0
-            elapsed = time.monotonic() - step_started  # the step's own time, without the evaluation
-            evaluated = step == total_steps or (tcfg.eval_every_steps and step % tcfg.eval_every_steps == 0)
-            if evaluated:
-                eval_loss = evaluate()
-            if rank == 0:
-                record = {"step": step, "epoch": epoch, "loss": summary[0].item() / world_size,
-                          "lr": lr_used, "tokens": int(summary[1].item()),
-                          "answer_tokens": int(step_tokens[step - 1]),
-                          "tokens_per_s": summary[1].item() / max(elapsed, 1e-9)}
-                if evaluated and eval_loss is not None:
-                    record["eval_loss"] = eval_loss
-                with metrics_path.open("a") as out:
-                    out.write(json.dumps(record) + "\n")
-                if step % tcfg.log_every_steps == 0 or step == total_steps:
-                    log.info("step %d/%d epoch %d loss %.4f lr %.3g tokens/s %.0f", step, total_steps, epoch,
-                             record["loss"], record["lr"], record["tokens_per_s"])
-                if "eval_loss" in record:
-                    log.info("step %d: held-out loss %.4f over %d pairs", step, eval_loss, len(heldout))
-            step_started = time.monotonic()
-            if tcfg.save_every_steps and step % tcfg.save_every_steps == 0:
-                save(step)
-                last_saved = step
+                # Kept on the device until the step ends: no host sync per micro-batch.
+                window_loss = loss if window_loss is None else window_loss + loss
+                window_tokens += int(self.data.lengths[indices].sum())
+                if micro % accumulation:
+                    continue
+                step = micro // accumulation
+                eval_loss = self.finish_step(step, epoch, window_loss, window_tokens, lr_used, step_started,
+                                             eval_loss)
+                window_loss, window_tokens = None, 0
+                step_started = time.monotonic()
+                if self.tcfg.save_every_steps and step % self.tcfg.save_every_steps == 0:
+                    self.save(step, micro)
+                    last_saved = step
+        final_step = micro // accumulation
+        if final_step != last_saved and final_step > start_micro // accumulation:
+            self.save(final_step, micro)
+        return final_step, eval_loss
 
-    final_step = micro // accumulation
-    if final_step != last_saved and final_step > start_micro // accumulation:
-        save(final_step)
-    save_hf_checkpoint(engine, tokenizer, output / "hf", zero3=zero3, rank=rank)
-    dist.barrier()
-    result = {"steps": final_step, "total_steps": total_steps, "accumulation": accumulation,
-              "world_size": world_size, "eval_loss": eval_loss, "seconds": time.monotonic() - started}
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """The job, phase by phase; returns the figures it logs at the end."""
+    tcfg = train_config(args)
+    set_single_process_defaults()
+    ranks = init_distributed(tcfg.seed)
+    output = Path(args.output)
+    started = time.monotonic()
+
+    # Phase 1: data and plan. The ranks tokenise the shards between them into a shared cache;
+    # then every rank computes the same plan from the same lengths, so nothing else is exchanged.
+    tokenizer, data, heldout = load_data(args, tcfg, ranks, output)
+    plan = plan_batches(data, tcfg, ranks.world_size, args.max_steps)
+    identity = plan.identity(tcfg, ranks.world_size, data)
+    resume_dir = resume_directory(args.resume, output / "checkpoints", identity)
+    log.info("data: %d pairs, %d ranks, %s; %d micro-batches per step, %d optimizer steps, %.0f answer tokens "
+             "per step", len(data), ranks.world_size, {k: round(v, 3) for k, v in plan.summary.items()},
+             plan.accumulation, plan.total_steps, float(plan.step_tokens.mean()))
+
+    # Phase 2: model and engine.
+    built = build_engine(tcfg, plan, ranks)
+    start_micro = resume_micro_step(built.engine, resume_dir, plan.accumulation)
+
+    # Phase 3: the loop.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if ranks.rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(built, data, heldout, plan, tcfg=tcfg, ranks=ranks, output=output, pad_id=pad_id,
+                      identity=identity)
+    final_step, eval_loss = trainer.run(start_micro)
+
+    # Phase 4: the Hugging Face checkpoint.
+    save_hf_checkpoint(built.engine, tokenizer, output / "hf", zero3=built.zero3, rank=ranks.rank)
+    ranks.barrier()
+    result = {"steps": final_step, "total_steps": plan.total_steps, "accumulation": plan.accumulation,
+              "world_size": ranks.world_size, "eval_loss": eval_loss, "seconds": time.monotonic() - started}
     log.info("done: %s", result)
     return result
+
+
+def _train_reporting_errors(argv: list[str] | None) -> int:
+    """`train`, with this job's own errors as the one line its users know, `jobs/train.py: <message>`,
+    and their exit codes; any other error is left to run_guarded."""
+    try:
+        train(parse_args(argv))
+    except GlanError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python jobs/train.py ...` under any launcher: 0, or one line on stderr and an exit code of
+    jobs/errors.py (each rank that fails says so)."""
+    return run_guarded(partial(_train_reporting_errors, argv), argv)
 
 
 def save_hf_checkpoint(engine: Any, tokenizer: Any, directory: Path, *, zero3: bool, rank: int) -> None:
@@ -455,5 +620,4 @@ def save_hf_checkpoint(engine: Any, tokenizer: Any, directory: Path, *, zero3: b
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/train.py` from a checkout
-    main()
+    sys.exit(main())
