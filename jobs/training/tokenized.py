@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.spark.session import arrow_filesystem
 from jobs.training.recipe import PLAIN_PROMPT, Example, cut_to_length, example_from_tokens, label_tokens, prompt_text
 
 log = logging.getLogger("glan.train")
@@ -106,8 +107,6 @@ def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
 
 def read_shard(uri: str, expected_sha256: str | None) -> pa.Table:
     """The question and answer columns of one shard (a local path or any pyarrow URI)."""
-    from jobs.spark.session import arrow_filesystem
-
     filesystem, path = arrow_filesystem(uri)
     with filesystem.open_input_file(path) as source:
         data = source.readall()
