@@ -34,9 +34,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
+from jobs.config.decontam import DecontamConfig, MinHashConfig, NearDupConfig, NgramConfig
 from jobs.decontam import textsim
 from jobs.decontam.benchmarks import benchmark_rows, ensure_benchmark_files, load_registry
-from jobs.config.decontam import DecontamConfig, MinHashConfig, NearDupConfig, NgramConfig
 from jobs.errors import InputError
 from jobs.spark.session import arrow_filesystem
 
@@ -306,64 +306,21 @@ def detect(pairs: DataFrame, items: DataFrame, cfg: DecontamConfig, *, id_col: s
     """Contamination rows (pair_id, field, benchmark, item_id, detector, score, excerpt) of the
     pairs' text columns against the benchmark items; one row per (pair, field, item, detector)."""
     spark = pairs.sparkSession
-    id_col = id_col or cfg.id_field
-    text_cols = list(text_cols or cfg.text_fields)
     ng, mh = cfg.ngram, cfg.minhash
     started = time.monotonic()
-    texts = pair_texts(pairs, id_col, text_cols)
-
-    # The benchmark side is computed in parallel and collected once; its hash sets go to every task.
-    feats = (items.withColumn("_f", _item_features_udf(ng, mh)("text"))
-             .select("benchmark", "item_id", "text", "_f.grams", "_f.num_grams", "_f.bands"))
-    index = BenchmarkIndex(feats.toArrow(), ng, mh)
+    texts = pair_texts(pairs, id_col or cfg.id_field, list(text_cols or cfg.text_fields))
+    index = _benchmark_index(items, ng, mh)
     indexed = time.monotonic()
-    sc = spark.sparkContext
-    gram_bc, band_bc = sc.broadcast(index.gram_set), sc.broadcast(index.band_set)
-
-    # One pass over the texts; only the (few) rows that hit come out of it.
-    hits = texts.mapInArrow(_text_hits_fn(ng, mh, gram_bc, band_bc), _TEXT_HITS).cache()
+    hits = _hit_texts(texts, index, ng, mh)
     # Only the benchmark rows whose key some text hit take part in the joins, broadcast.
     hit_table = hits.select("grams", "bands").toArrow().combine_chunks()
-    hit_grams, _ = _flat_longs(hit_table, "grams")
-    hit_bands, _ = _flat_longs(hit_table, "bands")
-
     found = []
     if ng.enabled:
-        gram_hits = hits.select("pair_id", "field", "text",
-                                F.explode(F.arrays_zip("grams", "gram_pos")).alias("_g"))
-        gram_hits = gram_hits.select("pair_id", "field", "text", F.col("_g.grams").alias("gram"),
-                                     F.col("_g.gram_pos").alias("pos"))
-        item_grams = index.rows_of(spark, "gram", hit_grams)
-        matched = (gram_hits.join(F.broadcast(item_grams.select("gram", "item_key")), on="gram", how="inner")
-                   .groupBy("pair_id", "field", "item_key")
-                   .agg(F.countDistinct("gram").alias("matches"), F.min("pos").alias("pos"),
-                        F.first("text").alias("text"))
-                   .filter(F.col("matches") >= ng.min_matches)
-                   .join(F.broadcast(item_grams.select("item_key", "benchmark", "item_id", "num_grams")
-                                     .dropDuplicates(["item_key"])), on="item_key", how="inner"))
-        scored = matched.select(
-            "pair_id", "field", "benchmark", "item_id", "text", "pos", F.lit("ngram").alias("detector"),
-            F.least(F.lit(1.0), F.col("matches") / F.greatest(F.col("num_grams"), F.lit(1))).alias("score"))
-        found.append(_best(scored, cfg.max_items_per_pair).select(
-            *CONTAMINATION_COLUMNS[:-1],
-            _excerpt_udf("text", "pos", F.lit(ng.n), F.lit(cfg.excerpt_chars)).alias("excerpt")))
+        hit_grams, _ = _flat_longs(hit_table, "grams")
+        found.append(_ngram_matches(hits, index.rows_of(spark, "gram", hit_grams), cfg))
     if mh.enabled:
-        item_bands = index.rows_of(spark, "band", hit_bands, text=True)
-        band_hits = hits.select("pair_id", "field", "text", F.explode("bands").alias("band"))
-        candidates = (band_hits.join(F.broadcast(item_bands.select("band", "item_key")), on="band", how="inner")
-                      .select("pair_id", "field", "text", "item_key")
-                      .dropDuplicates(["pair_id", "field", "item_key"])
-                      .join(F.broadcast(item_bands.drop("band").dropDuplicates(["item_key"])),
-                            on="item_key", how="inner"))
-        confirmed = (candidates.withColumn("_s", _similarity_udf(mh.ngram)("text", "item_text"))
-                     .filter((F.col("_s.jaccard") >= mh.threshold)
-                             | (F.col("_s.containment") >= mh.containment_threshold)))
-        scored = confirmed.select(
-            "pair_id", "field", "benchmark", "item_id", "text", F.lit("minhash").alias("detector"),
-            F.greatest("_s.jaccard", "_s.containment").alias("score"))
-        found.append(_best(scored, cfg.max_items_per_pair).select(
-            *CONTAMINATION_COLUMNS[:-1],
-            _excerpt_udf("text", F.lit(None).cast("int"), F.lit(0), F.lit(cfg.excerpt_chars)).alias("excerpt")))
+        hit_bands, _ = _flat_longs(hit_table, "bands")
+        found.append(_minhash_matches(hits, index.rows_of(spark, "band", hit_bands, text=True), cfg))
     out = found[0]
     for part in found[1:]:
         out = out.unionByName(part)
@@ -371,6 +328,66 @@ def detect(pairs: DataFrame, items: DataFrame, cfg: DecontamConfig, *, id_col: s
              len(index.gram_set), len(index.band_set), indexed - started, hit_table.num_rows,
              time.monotonic() - indexed)
     return out.select(*CONTAMINATION_COLUMNS)
+
+
+def _benchmark_index(items: DataFrame, ng: NgramConfig, mh: MinHashConfig) -> BenchmarkIndex:
+    """The benchmark side, hashed in parallel and collected once to the driver."""
+    feats = (items.withColumn("_f", _item_features_udf(ng, mh)("text"))
+             .select("benchmark", "item_id", "text", "_f.grams", "_f.num_grams", "_f.bands"))
+    return BenchmarkIndex(feats.toArrow(), ng, mh)
+
+
+def _hit_texts(texts: DataFrame, index: BenchmarkIndex, ng: NgramConfig, mh: MinHashConfig) -> DataFrame:
+    """One pass over the texts, the index's hash sets broadcast to every task; only the (few) rows
+    that hit come out of it, cached: both detectors read them."""
+    sc = texts.sparkSession.sparkContext
+    gram_bc, band_bc = sc.broadcast(index.gram_set), sc.broadcast(index.band_set)
+    return texts.mapInArrow(_text_hits_fn(ng, mh, gram_bc, band_bc), _TEXT_HITS).cache()
+
+
+def _ngram_matches(hits: DataFrame, item_grams: DataFrame, cfg: DecontamConfig) -> DataFrame:
+    """The `ngram` detector: hit windows joined to the benchmark (n-gram, item) rows they hit; an
+    item matched by at least `min_matches` distinct n-grams of a text scores the share of its own
+    n-grams matched."""
+    ng = cfg.ngram
+    gram_hits = hits.select("pair_id", "field", "text",
+                            F.explode(F.arrays_zip("grams", "gram_pos")).alias("_g"))
+    gram_hits = gram_hits.select("pair_id", "field", "text", F.col("_g.grams").alias("gram"),
+                                 F.col("_g.gram_pos").alias("pos"))
+    matched = (gram_hits.join(F.broadcast(item_grams.select("gram", "item_key")), on="gram", how="inner")
+               .groupBy("pair_id", "field", "item_key")
+               .agg(F.countDistinct("gram").alias("matches"), F.min("pos").alias("pos"),
+                    F.first("text").alias("text"))
+               .filter(F.col("matches") >= ng.min_matches)
+               .join(F.broadcast(item_grams.select("item_key", "benchmark", "item_id", "num_grams")
+                                 .dropDuplicates(["item_key"])), on="item_key", how="inner"))
+    scored = matched.select(
+        "pair_id", "field", "benchmark", "item_id", "text", "pos", F.lit("ngram").alias("detector"),
+        F.least(F.lit(1.0), F.col("matches") / F.greatest(F.col("num_grams"), F.lit(1))).alias("score"))
+    return _best(scored, cfg.max_items_per_pair).select(
+        *CONTAMINATION_COLUMNS[:-1],
+        _excerpt_udf("text", "pos", F.lit(ng.n), F.lit(cfg.excerpt_chars)).alias("excerpt"))
+
+
+def _minhash_matches(hits: DataFrame, item_bands: DataFrame, cfg: DecontamConfig) -> DataFrame:
+    """The `minhash` detector: texts and items that share a band key are candidates, confirmed by
+    exact Jaccard or containment of their shingle sets; the score is the larger of the two."""
+    mh = cfg.minhash
+    band_hits = hits.select("pair_id", "field", "text", F.explode("bands").alias("band"))
+    candidates = (band_hits.join(F.broadcast(item_bands.select("band", "item_key")), on="band", how="inner")
+                  .select("pair_id", "field", "text", "item_key")
+                  .dropDuplicates(["pair_id", "field", "item_key"])
+                  .join(F.broadcast(item_bands.drop("band").dropDuplicates(["item_key"])),
+                        on="item_key", how="inner"))
+    confirmed = (candidates.withColumn("_s", _similarity_udf(mh.ngram)("text", "item_text"))
+                 .filter((F.col("_s.jaccard") >= mh.threshold)
+                         | (F.col("_s.containment") >= mh.containment_threshold)))
+    scored = confirmed.select(
+        "pair_id", "field", "benchmark", "item_id", "text", F.lit("minhash").alias("detector"),
+        F.greatest("_s.jaccard", "_s.containment").alias("score"))
+    return _best(scored, cfg.max_items_per_pair).select(
+        *CONTAMINATION_COLUMNS[:-1],
+        _excerpt_udf("text", F.lit(None).cast("int"), F.lit(0), F.lit(cfg.excerpt_chars)).alias("excerpt"))
 
 
 def _best(scored: DataFrame, limit: int) -> DataFrame:
