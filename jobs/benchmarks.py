@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs.decontam.benchmarks import RECIPES, fetch_all, resolve_benchmarks_dir, stderr_progress
 from jobs.cli.args import add_config_args, config_from_args
+from jobs.decontam.registry import RECIPES, fetch_all, resolve_benchmarks_dir, stderr_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SHARED
-from jobs.decontam import benchmarks as bm
+from jobs.decontam import registry as bm
 from jobs.errors import ConfigError, InputError
 
 BENCH_DIR = str(SHARED / "benchmarks")
@@ -143,7 +143,7 @@ def test_repeated_ids_fall_back_to_positions_and_say_so(tmp_path, caplog):
     path = tmp_path / "dup.jsonl"
     path.write_text("".join(json.dumps({"k": k, "q": f"q{i}"}) + "\n" for i, k in enumerate(["a", "b", "a"])))
     spec = bm.BenchmarkSpec(name="dup", file=str(path), text_fields=("q",), split="test", id_fields=("k",))
-    with caplog.at_level("WARNING", logger="jobs.decontam.benchmarks"):
+    with caplog.at_level("WARNING", logger="jobs.decontam.registry"):
         rows = bm.benchmark_rows(spec, str(tmp_path))
     assert [r[2] for r in rows] == ["0", "1", "2"]
     assert "benchmark 'dup': 1 records repeat the id_fields (k)" in caplog.text
