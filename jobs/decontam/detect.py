@@ -36,7 +36,8 @@ from pyspark.sql.window import Window
 
 from jobs.config.decontam import DecontamConfig, MinHashConfig, NearDupConfig, NgramConfig
 from jobs.decontam import textsim
-from jobs.decontam.registry import benchmark_rows, ensure_benchmark_files, load_registry
+from jobs.decontam.fetch import ensure_benchmark_files
+from jobs.decontam.registry import benchmark_rows, load_registry
 from jobs.errors import InputError
 from jobs.spark.session import arrow_filesystem
 
