@@ -12,10 +12,11 @@ import argparse
 import json
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
-from jobs.config.loader import GlanConfig
 from jobs.cli.args import add_config_args, config_from_args
+from jobs.config.loader import GlanConfig
 from jobs.glan.taxonomy import (
     PROPOSE_PROMPT,
     PROPOSE_SCHEMA,
@@ -28,7 +29,13 @@ from jobs.glan.taxonomy import (
     write_review_file,
 )
 from jobs.pipeline.stage import Stage, StageContext
+from jobs.spark.session import get_spark
 from jobs.storage.tables import TAXONOMY
+from udfs.llm.client import CallSpec, LLMClient, LLMRequest
+from udfs.llm.config import StageLLMConfig
+from udfs.llm.prompts import load_prompt
+from udfs.servers.embedded import embedded_endpoint
+
 
 def taxonomy_rows(taxonomy: Taxonomy) -> list[tuple]:
     columns = TAXONOMY.schema.fieldNames()
@@ -62,19 +69,11 @@ STAGE = Stage(name="taxonomy", reads=(), writes=("taxonomy",), run=run,
 
 
 def _propose(cfg: GlanConfig, out: Path, field_names: list[str]) -> int:
-    from dataclasses import replace
-
-    from udfs.llm.client import CallSpec, LLMClient, LLMRequest
-    from udfs.llm.config import StageLLMConfig
-    from udfs.llm.prompts import load_prompt
-
     stage = StageLLMConfig(model=cfg.subjects.llm.model, temperature=1.0, top_p=0.95, max_tokens=8192)
     spec = CallSpec(prompt=load_prompt(PROPOSE_PROMPT), stage=stage, schema=PROPOSE_SCHEMA,
                     repair_prompt=load_prompt("repair"))
     with ExitStack() as stack:
         if cfg.llm.endpoint == "embedded":
-            from udfs.servers.embedded import embedded_endpoint
-
             endpoint = stack.enter_context(embedded_endpoint(cfg.llm.embedded))
             cfg = replace(cfg, llm=replace(cfg.llm, base_url=endpoint.base_url))
         client = stack.enter_context(LLMClient(cfg.llm, base_url=cfg.llm.base_url))
@@ -132,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(text)
         return 0
-    from jobs.spark.session import get_spark
-
     spark = get_spark("glan-taxonomy", master=cfg.spark.master, run_root=cfg.run_root)
     print(json.dumps(run(StageContext("taxonomy", spark, cfg))))
     return 0

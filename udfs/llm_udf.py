@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
+from pyspark import TaskContext
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
@@ -116,8 +117,6 @@ def _pick(urls: list[str]) -> str | None:
     """This task's endpoint among several: round-robin by partition id."""
     if not urls:
         return None
-    from pyspark import TaskContext
-
     context = TaskContext.get()
     return urls[(context.partitionId() if context is not None else 0) % len(urls)]
 

@@ -270,7 +270,7 @@ class HashSet:
 @functools.lru_cache(maxsize=8)
 def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """datasketch's own (a, b) permutation parameters for the default affine32 scheme."""
-    from datasketch import MinHash
+    from datasketch import MinHash  # heavy (it loads scipy, ~0.5 s), and needed once per process
 
     a, b = MinHash(num_perm=num_perm, seed=seed).permutations
     return np.asarray(a, dtype=np.uint32), np.asarray(b, dtype=np.uint32)

@@ -14,6 +14,7 @@ every message the client returns or logs.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import os
@@ -156,8 +157,6 @@ def retry_after_seconds(exc: BaseException) -> float | None:
             pass
     value = headers.get("retry-after")
     if value:
-        import email.utils
-
         try:
             when = email.utils.parsedate_to_datetime(value)
             return max(0.0, when.timestamp() - time.time())

@@ -282,7 +282,7 @@ def serve(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
 
-    import xllamacpp
+    import xllamacpp  # optional (the `local` extra), and only this server process needs it
 
     params = xllamacpp.CommonParams()
     params.model.path = args.model
