@@ -22,7 +22,7 @@ def _answer_rows(ctx: StageContext) -> DataFrame:
 
 
 ANSWERS = LLMCall(
-    prompt="answer", llm=lambda cfg: cfg.answers.llm, rows=_answer_rows,
+    prompt="answer", settings="answers.llm", rows=_answer_rows,
     inputs=("question",), constants=lambda cfg: {"system_prompt": cfg.answers.system_prompt or ""},
     key="answer_id", output="answers", output_key="answer_id",
     to_output=lambda ok, llm: ok.select("answer_id", "question_id", "combination_id", "syllabus_id", "subject_id",

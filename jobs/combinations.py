@@ -13,15 +13,18 @@ import sys
 
 import pandas as pd
 from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
 from jobs.glan.combinations import CombinationsConfig, combination_id
 from jobs.pipeline.runner import stage_main
+from jobs.pipeline.slices import selected_disciplines
 from jobs.pipeline.stage import Stage, StageContext
 from jobs.storage.tables import CONCEPT_COMBINATIONS
 
 
-def combinations_for_syllabus(sessions: pd.DataFrame, cc: CombinationsConfig) -> pd.DataFrame:
-    """All combinations of one syllabus (its sessions' rows, any order) as output rows."""
+def combinations_for_syllabus(sessions: pd.DataFrame, cc: CombinationsConfig, n: int | None = None) -> pd.DataFrame:
+    """The first `n` (default: questions_per_syllabus) combinations of one syllabus (its sessions'
+    rows, any order) as output rows."""
     sessions = sessions.sort_values("session_index")
     syllabus_id = sessions["syllabus_id"].iloc[0]
     discipline_id = sessions["discipline_id"].iloc[0]
@@ -30,7 +33,7 @@ def combinations_for_syllabus(sessions: pd.DataFrame, cc: CombinationsConfig) ->
     indices = [int(i) for i in sessions["session_index"]]
     counts = cc.count(concepts)
     rows = []
-    for combo in cc.sample(concepts, syllabus_id):
+    for combo in cc.sample(concepts, syllabus_id, n):
         rows.append({
             "combination_id": combination_id(syllabus_id, combo),
             "syllabus_id": syllabus_id,
@@ -48,18 +51,35 @@ def combinations_for_syllabus(sessions: pd.DataFrame, cc: CombinationsConfig) ->
     return pd.DataFrame(rows, columns=CONCEPT_COMBINATIONS.schema.fieldNames())
 
 
-def build_combinations(sessions: DataFrame, cc: CombinationsConfig) -> DataFrame:
+def build_combinations(sessions: DataFrame, cc: CombinationsConfig, n: int | None = None) -> DataFrame:
     def per_syllabus(frame: pd.DataFrame) -> pd.DataFrame:
-        return combinations_for_syllabus(frame, cc)
+        return combinations_for_syllabus(frame, cc, n)
 
     return (sessions.select("syllabus_id", "discipline_id", "session_index", "session_name", "key_concepts")
             .groupBy("syllabus_id").applyInPandas(per_syllabus, CONCEPT_COMBINATIONS.schema))
 
 
+def questions_per_syllabus(ctx: StageContext) -> int:
+    """`combinations.questions_per_syllabus`, else target_pairs shared over the syllabi the
+    configured taxonomy (taxonomy.disciplines, else all) is expected to have: the mean number of
+    syllabi of its disciplines that have sessions, times its disciplines. Exact once every
+    discipline has its syllabi; an estimate for a run of a slice before the others."""
+    cc = ctx.cfg.combinations
+    if cc.questions_per_syllabus is not None:
+        return cc.questions_per_syllabus
+    scope = selected_disciplines(ctx.spark, ctx.cfg, None).select("discipline_id")
+    counts = [row["n"] for row in ctx.storage.read_or_empty("sessions").join(scope, "discipline_id", "left_semi")
+              .groupBy("discipline_id").agg(F.countDistinct("syllabus_id").alias("n")).collect()]
+    if not counts:
+        return cc.per_syllabus(1)
+    return cc.per_syllabus(sum(counts) / len(counts) * scope.count())
+
+
 def run(ctx: StageContext) -> dict:
-    result = ctx.storage.append_missing(build_combinations(ctx.mine("sessions"), ctx.cfg.combinations),
+    n = questions_per_syllabus(ctx)
+    result = ctx.storage.append_missing(build_combinations(ctx.mine("sessions"), ctx.cfg.combinations, n),
                                         "concept_combinations", "combination_id")
-    return {"combinations_written": result.rows_written}
+    return {"questions_per_syllabus": n, "combinations_written": result.rows_written}
 
 
 STAGE = Stage(name="combinations", reads=("sessions",), writes=("concept_combinations",), run=run,

@@ -7,6 +7,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # a failure that is not the user's input: a write that failed, a service down, a full disk
 EXIT_USAGE = 2  # bad configuration, arguments or input data; nothing was written
 EXIT_FAILED_CALLS = 3  # `glan run` finished, but more LLM calls failed than pipeline.max_failed_share allows
+EXIT_OVER_BUDGET = 4  # a stage would spend, or has spent, more than pipeline.max_usd
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
@@ -38,3 +39,10 @@ class ConflictError(GlanError):
 
 class TableNotFoundError(GlanError):
     """A table that a stage needs does not exist under the run root yet."""
+
+
+class BudgetError(GlanError):
+    """The spending guard (pipeline.max_usd) stopped a stage: before its first call, or once the
+    recorded spend reached the limit. What was answered is committed."""
+
+    exit_code = EXIT_OVER_BUDGET

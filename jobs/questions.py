@@ -28,7 +28,7 @@ def _question_rows(ctx: StageContext) -> DataFrame:
 
 
 QUESTIONS = LLMCall(
-    prompt="question", llm=lambda cfg: cfg.questions.llm, rows=_question_rows,
+    prompt="question", settings="questions.llm", rows=_question_rows,
     inputs=("subject_name", "level", "syllabus_text", "concepts", "session_names", "learned_up_to",
             "learned_up_to_name"),
     key="question_id", output="questions", output_key="question_id",

@@ -78,7 +78,7 @@ def _conversion_rows(ctx: StageContext) -> DataFrame:
 
 
 LISTS = LLMCall(
-    prompt="subjects_list", llm=lambda cfg: cfg.subjects.llm, rows=_list_rows,
+    prompt="subjects_list", settings="subjects.llm", rows=_list_rows,
     inputs=("discipline", "sub_field", "field"), seed="sample_index",
     key="list_id", output="subject_lists", output_key="list_id",
     to_output=lambda ok, llm: ok.select("list_id", "discipline_id", F.col("sample_index").cast("int"),
@@ -87,7 +87,7 @@ LISTS = LLMCall(
 )
 
 CONVERSIONS = LLMCall(
-    prompt="subjects_convert", llm=lambda cfg: cfg.subjects.convert_llm, rows=_conversion_rows,
+    prompt="subjects_convert", settings="subjects.convert_llm", rows=_conversion_rows,
     schema=lambda cfg: subjects_schema(cfg.subjects.max_subjects_per_sample),
     inputs=("discipline", "subjects_text"),
     key="list_id", output="subject_conversions", output_key="list_id",

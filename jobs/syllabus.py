@@ -57,7 +57,7 @@ def _extract_rows(ctx: StageContext) -> DataFrame:
 
 
 SYLLABI = LLMCall(
-    prompt="syllabus", llm=lambda cfg: cfg.syllabus.llm, rows=_syllabus_rows,
+    prompt="syllabus", settings="syllabus.llm", rows=_syllabus_rows,
     inputs=("subject_name", "level", "subtopics", "discipline"),
     key="syllabus_id", output="syllabi", output_key="syllabus_id",
     to_output=lambda ok, llm: ok.select("syllabus_id", "subject_id", "discipline_id",
@@ -66,7 +66,7 @@ SYLLABI = LLMCall(
 )
 
 EXTRACTIONS = LLMCall(
-    prompt="syllabus_extract", llm=lambda cfg: cfg.syllabus.extract_llm, rows=_extract_rows,
+    prompt="syllabus_extract", settings="syllabus.extract_llm", rows=_extract_rows,
     schema=lambda cfg: sessions_schema(cfg.syllabus.max_sessions, cfg.syllabus.max_concepts_per_session),
     inputs=("subject_name", "syllabus_text"),
     key="syllabus_id", output="session_lists", output_key="syllabus_id",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from jobs.config.loader import load_config
-from jobs.pipeline.costs import Price, estimate, load_prices, price_for, priced
+from jobs.pipeline.costs import estimate
+from jobs.pipeline.prices import Price, load_prices, price_for, priced
 
 
 def test_cost_of_recorded_usage_uses_input_cached_and_output_prices():

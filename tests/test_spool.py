@@ -51,7 +51,7 @@ def questions(spark, n: int):
 
 # The answer call on made-up questions, into a table of its own (rows: the todo the tests pass in).
 TEST_CALL = LLMCall(
-    prompt="answer", llm=lambda cfg: cfg.answers.llm, rows=lambda ctx: None, inputs=("question",),
+    prompt="answer", settings="answers.llm", rows=lambda ctx: None, inputs=("question",),
     constants=lambda cfg: {"system_prompt": ""},
     key="question_id", output="t_answers", output_key="answer_id", volume=lambda v: 0,
     to_output=lambda ok, llm: ok.select(F.col("question_id").alias("answer_id"),

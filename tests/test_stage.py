@@ -14,7 +14,8 @@ import jobs
 from jobs.cli.status import stage_status
 from jobs.config.loader import load_config
 from jobs.errors import ConfigError
-from jobs.pipeline.costs import estimate, load_prices, usage_by_stage
+from jobs.pipeline.costs import estimate, usage_by_stage
+from jobs.pipeline.prices import load_prices
 from jobs.pipeline.runner import run_pipeline
 from jobs.pipeline.stage import Stage, markdown_table, ordered, stages
 from jobs.storage.delta import get_storage
@@ -35,7 +36,7 @@ TOY_STAGE = textwrap.dedent('''
          T.StructField("note", T.StringType())] + [T.StructField(n, t) for n, t in USAGE_FIELDS])))
 
     NOTES = LLMCall(
-        prompt="answer", llm=lambda cfg: cfg.answers.llm,
+        prompt="answer", settings="answers.llm",
         rows=lambda ctx: ctx.mine("answers").select(F.col("answer_id").alias("note_id"), "discipline_id",
                                                      F.col("answer").alias("question")),
         inputs=("question",), constants=lambda cfg: {"system_prompt": ""},

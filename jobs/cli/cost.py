@@ -18,7 +18,8 @@ import sys
 
 from jobs.cli.args import add_config_args, config_from_args
 from jobs.cli.output import print_rows, spark_for
-from jobs.pipeline.costs import IN_FLIGHT_NOTE, discipline_scope, estimate, load_prices, priced, usage_by_stage
+from jobs.pipeline.costs import IN_FLIGHT_NOTE, discipline_scope, estimate, usage_by_stage
+from jobs.pipeline.prices import load_prices, priced
 from jobs.pipeline.slices import split_names
 from jobs.pipeline.stage import stages
 

@@ -18,7 +18,8 @@ from pyspark.sql import functions as F
 from jobs.cli.args import add_config_args, config_from_args
 from jobs.cli.output import print_rows, spark_for
 from jobs.config.loader import GlanConfig
-from jobs.pipeline.costs import discipline_scope, load_prices, priced, usage_by_stage
+from jobs.pipeline.costs import discipline_scope, usage_by_stage
+from jobs.pipeline.prices import load_prices, priced
 from jobs.pipeline.slices import split_names
 from jobs.pipeline.spool import spool_state
 from jobs.pipeline.stage import Stage, StageContext, call_keys, stages

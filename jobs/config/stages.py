@@ -76,8 +76,15 @@ class PipelineConfig:
     spool_stale_after_s: float = 900.0  # no heartbeat this long (another host): the spool's run is dead
     # `glan run` exits 3 when more than this share of its LLM calls failed (0: any failed call).
     max_failed_share: float = 0.0
+    # The spending guard, in USD at conf/prices.yaml: a stage whose estimate, plus what the run root
+    # has spent, would pass it does not start; a running one stops once the spend reaches it. null: none.
+    max_usd: float | None = 100.0
+    # A stage whose calls were cut at max_tokens more often than this share is named after it runs.
+    max_truncated_share: float = 0.02
 
     def __post_init__(self) -> None:
         at_least(self, 1, "rows_per_task", "max_tasks", "commit_every_rows")
         require(self, "max_failed_share", 0.0 <= self.max_failed_share <= 1.0, "must be between 0 and 1")
+        require(self, "max_truncated_share", 0.0 <= self.max_truncated_share <= 1.0, "must be between 0 and 1")
+        at_least(self, 0, "max_usd", optional=True)
         at_least(self, 60, "spool_stale_after_s", note=" (heartbeats come every 30 s)")

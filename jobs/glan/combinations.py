@@ -294,11 +294,14 @@ class CombinationsConfig:
     """How many questions each syllabus gets and how their concepts are sampled.
 
     The paper uses both strategies without giving a share; 0.5 asks as many cross-session questions
-    as single-session ones. Its 10 million questions over about 19,000 syllabi (126 disciplines x
-    ~150 subjects) are about 500 per syllabus; the default of 20 is a modest first run that can be
-    raised later at the cost of only the new questions."""
+    as single-session ones. It made 10 million pairs (about 500 per syllabus over ~19,000 syllabi):
+    `target_pairs` is that goal for the configured taxonomy, and each syllabus gets
+    ceil(target_pairs / syllabi) questions once the syllabi exist (`per_syllabus`).
+    `questions_per_syllabus` set instead fixes the number (a first small run: raising it later
+    costs only the new questions)."""
 
-    questions_per_syllabus: int = 20
+    target_pairs: int = 10_000_000
+    questions_per_syllabus: int | None = None
     share_challenging: float = 0.5
     basic_min_concepts: int = 1
     basic_max_concepts: int = 5
@@ -307,14 +310,24 @@ class CombinationsConfig:
     seed: int | str = 0
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "questions_per_syllabus")
+        at_least(self, 1, "target_pairs")
+        at_least(self, 1, "questions_per_syllabus", optional=True)
         if isinstance(self.seed, str) and not self.seed.strip():
             raise SettingError("seed", "seed= must not be empty")
         _check_ranges(self.share_challenging, self.basic_min_concepts, self.basic_max_concepts,
                       self.challenging_min_concepts, self.challenging_max_concepts)
 
+    def per_syllabus(self, syllabi: float) -> int:
+        """Questions per syllabus: `questions_per_syllabus` when set, else the share of
+        `target_pairs` of each of `syllabi` (the expected number of syllabi of the taxonomy)."""
+        if self.questions_per_syllabus is not None:
+            return self.questions_per_syllabus
+        return max(1, math.ceil(self.target_pairs / max(syllabi, 1.0)))
+
     def sample(self, sessions: Sequence[Sequence[str]], syllabus_id: str, n: int | None = None) -> list[Combination]:
         """`sample_combinations` with these settings; n defaults to `questions_per_syllabus`."""
+        if n is None and self.questions_per_syllabus is None:
+            raise ValueError("combinations.questions_per_syllabus is null: pass n (see per_syllabus)")
         return sample_combinations(
             sessions, self.questions_per_syllabus if n is None else n, self.share_challenging, self.seed,
             syllabus_id=syllabus_id, basic_min=self.basic_min_concepts, basic_max=self.basic_max_concepts,

@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
-import yaml
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from jobs.config.files import find_conf_file
 from jobs.config.loader import GlanConfig
-from jobs.errors import ConfigError
 from jobs.glan.taxonomy import load_taxonomy
+from jobs.pipeline.prices import Price, planned_cost
 from jobs.pipeline.slices import selected_disciplines
 from jobs.pipeline.spool import IN_FLIGHT, SpoolState, spool_state
 from jobs.pipeline.stage import Stage, StageContext, Volume, call_keys, llm_tables, stages
@@ -32,40 +30,6 @@ from jobs.storage.delta import get_storage
 
 IN_FLIGHT_NOTE = ("in flight: calls sent when their run or task died, whose answers never came back; possibly "
                   "paid. Their prompt tokens are estimates (about 4 characters a token), completion tokens unknown.")
-
-
-@dataclass(frozen=True)
-class Price:
-    input: float
-    cached_input: float
-    output: float
-
-    def cost(self, prompt: int, cached: int, completion: int) -> float:
-        return ((prompt - cached) * self.input + cached * self.cached_input + completion * self.output) / 1e6
-
-
-def load_prices(path: str = "prices.yaml") -> tuple[dict[str, Price], dict[str, Any]]:
-    source = find_conf_file(path)
-    data = yaml.safe_load(source.read_text()) or {}
-    prices = {}
-    for model, values in (data.get("models") or {}).items():
-        try:
-            prices[model] = Price(float(values["input"]), float(values.get("cached_input", values["input"])),
-                                  float(values["output"]))
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"{path}: models.{model} needs numbers input, output (and cached_input)") from None
-    return prices, data.get("estimate") or {}
-
-
-def price_for(prices: dict[str, Price], model: str | None) -> Price | None:
-    """Exact name first, then the longest configured name the model starts with
-    (`gpt-4o-2024-08-06` is priced as `gpt-4o`)."""
-    if model is None:
-        return None
-    if model in prices:
-        return prices[model]
-    matches = [name for name in prices if model.startswith(name)]
-    return prices[max(matches, key=len)] if matches else None
 
 
 @dataclass(frozen=True)
@@ -131,13 +95,17 @@ def _usage_sums(frame, *by: str) -> list:
     ).collect()
 
 
-def priced(rows: list[dict[str, Any]], prices: dict[str, Price]) -> list[dict[str, Any]]:
-    out = []
-    for row in rows:
-        price = price_for(prices, row["model"])
-        cost = price.cost(row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) if price else None
-        out.append({**row, "usd": None if cost is None else round(cost, 4)})
-    return out
+def stage_plan(ctx: StageContext, stage: Stage, prices: dict[str, Price],
+               assumptions: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calls a stage is about to make in its slice, priced at the assumed tokens per call: each
+    call's rows still to ask, and for a call keyed like the one before it, also that one's (their
+    answers become its rows: a subject list to convert, a syllabus to extract)."""
+    rows, carried, previous_key = [], 0, None
+    for call in stage.calls:
+        calls = ctx.todo(call).count() + (carried if call.key == previous_key else 0)
+        rows.append(planned_cost(call.prompt, call.llm(ctx.cfg).model, calls, assumptions, prices))
+        carried, previous_key = calls, call.key
+    return rows
 
 
 def volume(cfg: GlanConfig, assumptions: dict[str, Any]) -> Volume:
@@ -150,7 +118,7 @@ def volume(cfg: GlanConfig, assumptions: dict[str, Any]) -> Volume:
     subjects = min(int(assumptions.get("unique_subjects_per_discipline", 150)),
                    samples * cfg.subjects.max_subjects_per_sample) * disciplines
     return Volume(disciplines=disciplines, samples_per_discipline=samples, subjects=subjects,
-                  questions=subjects * cfg.combinations.questions_per_syllabus)
+                  questions=subjects * cfg.combinations.per_syllabus(subjects))
 
 
 def estimate(cfg: GlanConfig, assumptions: dict[str, Any], prices: dict[str, Price],
@@ -158,19 +126,6 @@ def estimate(cfg: GlanConfig, assumptions: dict[str, Any], prices: dict[str, Pri
     """Calls, tokens and money of a full run of the configured slice, before anything is spent:
     each declared call's calls (`LLMCall.volume`) with its model and the assumed tokens per call."""
     made = volume(cfg, assumptions)
-    plan = [(stage.name, call.prompt, call.llm(cfg).model, call.volume(made))
+    return [{"stage": stage.name, **planned_cost(call.prompt, call.llm(cfg).model, call.volume(made), assumptions,
+                                                  prices)}
             for stage in (stages() if declared is None else declared) for call in stage.calls]
-    tokens = assumptions.get("tokens") or {}
-    cached_share = assumptions.get("cached_share") or {}
-    rows = []
-    for stage, call, model, calls in plan:
-        per_call = tokens.get(call) or {"prompt": 0, "completion": 0}
-        prompt = calls * int(per_call.get("prompt", 0))
-        completion = calls * int(per_call.get("completion", 0))
-        cached = int(prompt * float(cached_share.get(call, 0.0)))
-        price = price_for(prices, model)
-        cost = price.cost(prompt, cached, completion) if price else None
-        rows.append({"stage": stage, "call": call, "model": model, "calls": calls, "prompt_tokens": prompt,
-                     "cached_tokens": cached, "completion_tokens": completion,
-                     "usd": None if cost is None else round(cost, 2)})
-    return rows

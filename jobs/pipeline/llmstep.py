@@ -27,6 +27,7 @@ from pyspark.sql import types as T
 
 from jobs.config.loader import GlanConfig
 from jobs.pipeline.keys import stable_id
+from jobs.pipeline.prices import Budget
 from jobs.pipeline.progress import Progress
 from jobs.pipeline.spool import IN_FLIGHT, Spool
 from jobs.pipeline.stage import LLMCall, StageContext
@@ -101,20 +102,22 @@ def plan_partitions(todo: DataFrame, key: str, cfg: GlanConfig) -> DataFrame:
 
 def ask(ctx: StageContext, call: LLMCall) -> StepResult:
     """Run one declared call of a stage: its to-do rows (rows minus output keys), in the stage's slice."""
-    return run_llm_step(ctx.todo(call), call, stage=ctx.stage, cfg=ctx.cfg, scope=ctx.chosen, progress=ctx.progress)
+    return run_llm_step(ctx.todo(call), call, stage=ctx.stage, cfg=ctx.cfg, scope=ctx.chosen, progress=ctx.progress,
+                        budget=ctx.budget)
 
 
 def run_llm_step(todo: DataFrame, call: LLMCall, *, stage: str, cfg: GlanConfig, scope: DataFrame | None = None,
-                 progress: Progress | None = None) -> StepResult:
+                 progress: Progress | None = None, budget: Budget | None = None) -> StepResult:
     """Call `call.prompt` for every row of `todo` and append the successes to `call.output`.
 
     Rows whose call failed go to `failures` (stage, key); rows that succeed leave it. `scope` (rows
     with `discipline_id`) is the run's slice of the taxonomy: spooled results of dead runs are
-    committed only for those disciplines (None: all).
+    committed only for those disciplines (None: all). `budget`: every chunk's calls are charged to
+    it, and the step stops after a commit once it is spent (BudgetError).
     """
     started = time.monotonic()
     step = _Step(todo.sparkSession, call, stage, cfg, progress or Progress(), StepResult(),
-                 T.StructType([*todo.schema.fields, T.StructField(RESULT, LLM_RESULT)]))
+                 T.StructType([*todo.schema.fields, T.StructField(RESULT, LLM_RESULT)]), budget)
     ids = None if scope is None else [row[0] for row in scope.select("discipline_id").distinct().collect()]
     spool = Spool(step.spark, cfg, stage, call.output)
     spool.claim(ids)  # a live run of this step on any of these disciplines stops this one here
@@ -142,6 +145,7 @@ class _Step:
     progress: Progress
     result: StepResult
     spooled_schema: T.StructType
+    budget: Budget | None = None
 
     @property
     def llm(self) -> StageLLMConfig:
@@ -224,13 +228,28 @@ class _Step:
             called = part.withColumn(RESULT, ask_llm(*call.inputs, *constants, seed=call.seed,
                                                      note=list(dict.fromkeys([key, "discipline_id"]))))
             files = spool.write(called.select(*self.spooled_schema.fieldNames()), intents)
-            self.commit(spool.read(files, self.spooled_schema, key, _is_failure(F.col(RESULT))))
+            results = spool.read(files, self.spooled_schema, key, _is_failure(F.col(RESULT)))
+            self.commit(results)
+            self.charge(results)
             retried = spool.unanswered(intents, files)
             if retried is not None:  # task attempts that sent calls and died before spooling; Spark ran them again
                 _record_in_flight(self.spark, retried, self.stage, self.llm, cfg)
             spool.remove(files, intents=intents)
             log.info("%s: chunk %d/%d committed (%d rows so far)", self.stage, index + 1, chunks,
                      self.result.rows_written)
+            if self.budget is not None:
+                self.budget.check_running(self.stage)  # committed first: the next run asks only for the rest
+
+    def charge(self, results: DataFrame) -> None:
+        """Charge the budget with what a chunk's calls cost (failed ones too: they were paid)."""
+        if self.budget is None:
+            return
+        out = F.col(RESULT)
+        for row in results.groupBy(out["model"].alias("model")).agg(
+                F.coalesce(F.sum(out["prompt_tokens"]), F.lit(0)).alias("prompt"),
+                F.coalesce(F.sum(out["cached_tokens"]), F.lit(0)).alias("cached"),
+                F.coalesce(F.sum(out["completion_tokens"]), F.lit(0)).alias("completion")).collect():
+            self.budget.charge(row["model"], row["prompt"], row["cached"], row["completion"])
 
 
 def _record_failed_usage(failed: DataFrame, stage: str, key: str, stage_llm: StageLLMConfig, cfg: GlanConfig) -> None:

@@ -15,6 +15,8 @@ from jobs.cli.args import add_config_args, config_from_args
 from jobs.cli.guard import run_guarded
 from jobs.config.loader import GlanConfig
 from jobs.errors import EXIT_FAILED_CALLS, EXIT_OK
+from jobs.pipeline.costs import stage_plan, usage_by_stage
+from jobs.pipeline.prices import Budget, load_prices, spent_usd
 from jobs.pipeline.progress import Progress, ProgressLine
 from jobs.pipeline.slices import split_names
 from jobs.pipeline.stage import Stage, StageContext, select
@@ -40,10 +42,11 @@ def run_pipeline(cfg: GlanConfig, stages: Sequence[str] | None = None, disciplin
     started = time.monotonic()
     failed: dict[str, int] = {}
     asked = 0
+    budget = _budget(spark, cfg, chosen)
     with ExitStack() as stack:
         cfg = _start_endpoint(stack, cfg, chosen)
         for stage in chosen:
-            figures = _run_stage(StageContext(stage.name, spark, cfg, disciplines, Progress()), stage)
+            figures = _run_stage(StageContext(stage.name, spark, cfg, disciplines, Progress(), budget), stage)
             calls = sum(v for k, v in figures.items() if k.endswith("_failed"))
             asked += sum(v for k, v in figures.items() if k.endswith("_todo"))
             if calls:
@@ -57,9 +60,34 @@ def run_pipeline(cfg: GlanConfig, stages: Sequence[str] | None = None, disciplin
     return _failed_calls_verdict(cfg, failed, asked)
 
 
+def _budget(spark, cfg: GlanConfig, chosen: Sequence[Stage]) -> Budget:
+    """The run's spending guard: what the run root has spent so far (`glan cost`), and the limit."""
+    prices, assumptions = load_prices()
+    needed = cfg.pipeline.max_usd is not None and any(stage.uses_llm for stage in chosen)
+    return Budget(cfg.pipeline.max_usd, spent_usd(usage_by_stage(spark, cfg), prices) if needed else 0.0,
+                  prices, assumptions)
+
+
+def _check_plan(ctx: StageContext, stage: Stage) -> None:
+    """Before an LLM stage asks anything: say how many calls it will make and what they cost, and
+    stop it here if that would pass pipeline.max_usd."""
+    budget = ctx.budget
+    plan = stage_plan(ctx, stage, budget.prices, budget.assumptions)
+    calls = sum(row["calls"] for row in plan)
+    cost = sum(row["usd"] or 0.0 for row in plan)
+    limit = "no limit" if budget.limit_usd is None else f"pipeline.max_usd {budget.limit_usd:g}"
+    print(f"[{stage.name}] to ask: {calls:,} call(s) ("
+          + ", ".join(f"{row['call']} {row['calls']:,}" for row in plan)
+          + f"), about ${cost:,.2f} at conf/prices.yaml; spent so far ${budget.spent_usd:,.2f} ({limit})",
+          file=sys.stderr, flush=True)
+    budget.check_start(stage.name, plan)
+
+
 def _run_stage(ctx: StageContext, stage: Stage) -> dict:
     t0 = time.monotonic()
     print(f"[{stage.name}] running", file=sys.stderr, flush=True)
+    if stage.uses_llm and ctx.budget is not None:
+        _check_plan(ctx, stage)
     with ProgressLine(ctx.spark, stage.name, ctx.progress):
         figures = stage.run(ctx) or {}
     summary = ", ".join(f"{k}={v}" for k, v in figures.items())

@@ -14,6 +14,7 @@ import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from operator import attrgetter
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -21,6 +22,7 @@ from pyspark.sql import functions as F
 import jobs
 from jobs.config.loader import GlanConfig
 from jobs.errors import ConfigError
+from jobs.pipeline.prices import Budget
 from jobs.pipeline.progress import Progress
 from jobs.pipeline.slices import selected_disciplines
 from jobs.storage.delta import Storage, get_storage
@@ -47,7 +49,7 @@ class LLMCall:
     the answers go. Its work is `rows` minus the keys already in `output` (DESIGN.md, "Keys")."""
 
     prompt: str  # prompts/<prompt>.j2
-    llm: Callable[[GlanConfig], StageLLMConfig]  # the stage's sampling settings and model
+    settings: str  # where its model and sampling settings are in the config, e.g. "subjects.llm"
     rows: Callable[[StageContext], DataFrame]  # every row this call asks about in the run's slice, done or not
     inputs: tuple[str, ...]  # the columns the prompt reads, by name
     key: str  # the call's row key in failures, failed_calls and the spool
@@ -60,6 +62,11 @@ class LLMCall:
     sort_within: tuple[str, ...] = ()  # keep rows that share a prompt prefix together in a task
     # Prompt variables from the config, the same for every row (sent as literals, not stored in rows).
     constants: Callable[[GlanConfig], dict[str, str]] | None = None
+
+
+    def llm(self, cfg: GlanConfig) -> StageLLMConfig:
+        """The call's model and sampling settings, from `settings`."""
+        return attrgetter(self.settings)(cfg)
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ class Stage:
 @dataclass
 class StageContext:
     """What a stage runs with: its name, the session, the config, the storage, the disciplines asked for
-    (names, None: the config's) and the progress it reports. One per stage run, so `chosen` reads
+    (names, None: the config's), the progress it reports and the run's spending guard. One per stage run, so `chosen` reads
     the taxonomy as the stages before it left it."""
 
     stage: str
@@ -101,6 +108,7 @@ class StageContext:
     cfg: GlanConfig
     disciplines: Sequence[str] | None = None
     progress: Progress = field(default_factory=Progress)
+    budget: Budget | None = None  # the run's spending guard; None: no limit
 
     @cached_property
     def storage(self) -> Storage:

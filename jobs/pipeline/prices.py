@@ -1,0 +1,119 @@
+"""Prices (`conf/prices.yaml`), what calls cost at them, and the spending guard of a run
+(`pipeline.max_usd`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from jobs.config.files import find_conf_file
+from jobs.errors import BudgetError, ConfigError
+
+
+@dataclass(frozen=True)
+class Price:
+    input: float
+    cached_input: float
+    output: float
+
+    def cost(self, prompt: int, cached: int, completion: int) -> float:
+        return ((prompt - cached) * self.input + cached * self.cached_input + completion * self.output) / 1e6
+
+
+def load_prices(path: str = "prices.yaml") -> tuple[dict[str, Price], dict[str, Any]]:
+    source = find_conf_file(path)
+    data = yaml.safe_load(source.read_text()) or {}
+    prices = {}
+    for model, values in (data.get("models") or {}).items():
+        try:
+            prices[model] = Price(float(values["input"]), float(values.get("cached_input", values["input"])),
+                                  float(values["output"]))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{path}: models.{model} needs numbers input, output (and cached_input)") from None
+    return prices, data.get("estimate") or {}
+
+
+def price_for(prices: dict[str, Price], model: str | None) -> Price | None:
+    """Exact name first, then the longest configured name the model starts with
+    (`gpt-4o-2024-08-06` is priced as `gpt-4o`)."""
+    if model is None:
+        return None
+    if model in prices:
+        return prices[model]
+    matches = [name for name in prices if model.startswith(name)]
+    return prices[max(matches, key=len)] if matches else None
+
+
+def priced(rows: list[dict[str, Any]], prices: dict[str, Price]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        price = price_for(prices, row["model"])
+        cost = price.cost(row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) if price else None
+        out.append({**row, "usd": None if cost is None else round(cost, 4)})
+    return out
+
+
+def planned_cost(call: str, model: str, calls: int, assumptions: dict[str, Any],
+                 prices: dict[str, Price]) -> dict[str, Any]:
+    """Tokens and money of `calls` calls of prompt `call` on `model`, at the assumed tokens per call
+    (conf/prices.yaml `estimate:`). `usd` is None when the model has no price."""
+    per_call = (assumptions.get("tokens") or {}).get(call) or {"prompt": 0, "completion": 0}
+    prompt = calls * int(per_call.get("prompt", 0))
+    completion = calls * int(per_call.get("completion", 0))
+    cached = int(prompt * float((assumptions.get("cached_share") or {}).get(call, 0.0)))
+    price = price_for(prices, model)
+    cost = price.cost(prompt, cached, completion) if price else None
+    return {"call": call, "model": model, "calls": calls, "prompt_tokens": prompt, "cached_tokens": cached,
+            "completion_tokens": completion, "usd": None if cost is None else round(cost, 2)}
+
+
+def spent_usd(usage: Sequence[dict[str, Any]], prices: dict[str, Price]) -> float:
+    """What recorded usage rows (`usage_by_stage`) cost; models without a price count nothing."""
+    return math.fsum(row["usd"] or 0.0 for row in priced(list(usage), prices))
+
+
+class Budget:
+    """The spending guard of a run (`pipeline.max_usd`): what the run root had spent when the run
+    started, plus what this run's calls have cost so far, priced with conf/prices.yaml. A stage
+    does not start when its estimate would take the total past the limit; a running LLM step stops
+    asking once the total reaches it."""
+
+    def __init__(self, limit_usd: float | None, spent_usd: float, prices: dict[str, Price],
+                 assumptions: dict[str, Any]) -> None:
+        self.limit_usd, self.spent_usd = limit_usd, spent_usd
+        self.prices, self.assumptions = prices, assumptions
+
+    def charge(self, model: str | None, prompt: int, cached: int, completion: int) -> None:
+        price = price_for(self.prices, model)
+        if price is not None:
+            self.spent_usd += price.cost(prompt, cached, completion)
+
+    def check_start(self, stage: str, planned: Sequence[dict[str, Any]]) -> None:
+        """Raise BudgetError when the stage's planned calls would take the spend past the limit."""
+        cost = math.fsum(row["usd"] or 0.0 for row in planned)
+        calls = sum(row["calls"] for row in planned)
+        if self.limit_usd is None or not calls or self.spent_usd + cost <= self.limit_usd:
+            return
+        raise BudgetError(
+            f"stage {stage} would make {calls:,} LLM call(s) estimated at ${cost:,.2f} (conf/prices.yaml), "
+            f"with ${self.spent_usd:,.2f} already spent under this run root: past pipeline.max_usd="
+            f"{self.limit_usd:g}; nothing was asked. Raise it with --set pipeline.max_usd="
+            f"{_raised(self.spent_usd + cost)} (null: no limit)")
+
+    def check_running(self, stage: str) -> None:
+        """Raise BudgetError once the recorded spend has reached the limit (after a commit)."""
+        if self.limit_usd is not None and self.spent_usd >= self.limit_usd:
+            raise BudgetError(
+                f"stage {stage}: ${self.spent_usd:,.2f} spent under this run root reached pipeline.max_usd="
+                f"{self.limit_usd:g}; what was answered is committed and the next run asks for the rest. "
+                f"Raise it with --set pipeline.max_usd=... (null: no limit)")
+
+
+def _raised(needed: float) -> str:
+    """A round limit above `needed`: 1, 2 or 5 times a power of ten."""
+    magnitude = 10 ** math.floor(math.log10(max(needed, 1.0)))
+    return f"{next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= needed):g}"
