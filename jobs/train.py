@@ -200,6 +200,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--final-lr", dest="final_lr", type=float)
     parser.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    parser.add_argument("--warmup-ratio", dest="warmup_ratio", type=float, help="train.warmup_ratio")
     parser.add_argument("--weight-decay", dest="weight_decay", type=float)
     parser.add_argument("--max-grad-norm", dest="max_grad_norm", type=float)
     parser.add_argument("--pairs-per-step", dest="pairs_per_step", type=int)
@@ -221,7 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-_TRAIN_FLAGS = ("model", "deepspeed_config", "epochs", "lr", "final_lr", "warmup_steps", "weight_decay",
+_TRAIN_FLAGS = ("model", "deepspeed_config", "epochs", "lr", "final_lr", "warmup_steps", "warmup_ratio", "weight_decay",
                 "max_grad_norm", "pairs_per_step", "micro_batch_tokens", "max_seq_len",
                 "gradient_checkpointing", "bf16", "seed", "save_every_steps", "eval_every_steps",
                 "log_every_steps")
@@ -305,6 +306,7 @@ class BatchPlan:
     accumulation: int                            # micro-batches per optimizer step
     total_steps: int
     step_tokens: np.ndarray                      # answer tokens of each step, over every rank
+    warmup_steps: int = 0                        # train.warmup_steps, or warmup_ratio of total_steps
 
     def identity(self, tcfg: TrainConfig, world_size: int, data: TokenizedSplit) -> dict[str, Any]:
         """What the micro-step count of a checkpoint means; a resume must find the same."""
@@ -332,10 +334,12 @@ def plan_batches(data: TokenizedSplit, tcfg: TrainConfig, world_size: int, max_s
         raise ConfigError(f"{len(data)} pairs give no optimizer step with {accumulation} micro-batches per "
                           "step; lower --pairs-per-step")
     step_tokens = training.step_label_tokens(epoch_tokens, accumulation, total_steps)
-    if tcfg.warmup_steps >= total_steps:
-        log.warning("warm-up (%d steps) is not shorter than the run (%d steps)", tcfg.warmup_steps, total_steps)
+    warmup = training.warmup_for(total_steps, tcfg.warmup_steps, tcfg.warmup_ratio)
+    warning = training.warmup_warning(warmup, total_steps)
+    if warning:
+        log.warning("%s", warning)
     return BatchPlan(epoch=plan_for, summary=first, accumulation=accumulation, total_steps=total_steps,
-                     step_tokens=step_tokens)
+                     step_tokens=step_tokens, warmup_steps=warmup)
 
 
 def resume_directory(resume: str | None, checkpoints: Path, identity: dict[str, Any]) -> Path | None:
@@ -381,7 +385,7 @@ def build_engine(tcfg: TrainConfig, plan: BatchPlan, ranks: Ranks) -> Engine:
     if tcfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
-    schedule = partial(training.lr_factor, total_steps=plan.total_steps, warmup_steps=tcfg.warmup_steps,
+    schedule = partial(training.lr_factor, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
                        final_ratio=tcfg.final_lr / tcfg.lr)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jobs.config.loader import load_config
+from jobs.errors import ConfigError
 from jobs.training.recipe import (
     IGNORE_INDEX,
     PLAIN_PROMPT,
@@ -31,6 +33,8 @@ from jobs.training.recipe import (
     prompt_text,
     step_label_tokens,
     total_optimizer_steps,
+    warmup_for,
+    warmup_warning,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -511,3 +515,14 @@ def test_the_benchmark_model_is_1b_and_its_flops_per_token_match_a_hand_count():
     assert bench.flops_per_token({**shape, "tie_word_embeddings": True}, params, 2048) == 6 * params + 12 * layers * d * 2048
     assert bench.peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
     assert bench.peak_flops_for("NVIDIA H100 PCIe") == 756e12
+
+
+def test_warmup_ratio_sets_the_warmup_from_the_run_length_and_a_long_warmup_is_named():
+    assert warmup_for(59_000, 1000) == 1000  # the paper's 1,000 steps, whatever the run
+    assert warmup_for(2_200, 1000, 0.017) == 37  # the paper's share of a 0.4M-pair run
+    assert warmup_warning(1000, 59_000) is None  # 1.7%
+    line = warmup_warning(1000, 2_200)  # about 45%
+    assert "1000 of the run's 2200" in line and "45%" in line and "train.warmup_ratio" in line
+    assert warmup_warning(220, 2_200) is None  # exactly 10% is fine
+    with pytest.raises(ConfigError, match=r"warmup_ratio=1.0 must be in \[0, 1\)"):
+        load_config([], ["train.warmup_ratio=1.0"])

@@ -46,7 +46,8 @@ class TrainConfig:
     epochs: int = 3
     lr: float = 3e-6
     final_lr: float = 0.0
-    warmup_steps: int = 1000
+    warmup_steps: int = 1000              # the paper's; 1.7% of its run, most of a small one
+    warmup_ratio: float | None = None     # when set: warm-up is this share of the run's steps instead
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     pairs_per_step: int = 512             # the paper's batch; reached with gradient accumulation
@@ -64,6 +65,7 @@ class TrainConfig:
         positive(self, "lr")
         require(self, "final_lr", 0 <= self.final_lr <= self.lr, f"must be in [0, lr={self.lr}]")
         at_least(self, 0, "warmup_steps", "weight_decay")
+        require(self, "warmup_ratio", self.warmup_ratio is None or 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)")
         at_least(self, 0, "max_grad_norm", note=" (0 disables clipping)")
         at_least(self, 1, "pairs_per_step")
         at_least(self, 2, "max_seq_len")

@@ -233,6 +233,26 @@ def loss_divisor(step_tokens: int, accumulation: int, world_size: int) -> float:
 # Learning rate
 
 
+# A warm-up longer than this share of the run is named in the log (the paper's: 1,000 of ~59,000).
+WARMUP_WARN_SHARE = 0.10
+
+
+def warmup_for(total_steps: int, warmup_steps: int, warmup_ratio: float | None = None) -> int:
+    """The run's warm-up steps: `warmup_ratio` of `total_steps` when set, else `warmup_steps`."""
+    if warmup_ratio is not None:
+        return int(round(warmup_ratio * total_steps))
+    return warmup_steps
+
+
+def warmup_warning(warmup_steps: int, total_steps: int) -> str | None:
+    """A line for the log when warm-up takes more than WARMUP_WARN_SHARE of the run, else None."""
+    if total_steps <= 0 or warmup_steps <= WARMUP_WARN_SHARE * total_steps:
+        return None
+    return (f"warm-up is {warmup_steps} of the run's {total_steps} optimizer steps ({warmup_steps / total_steps:.0%}, "
+            f"more than {WARMUP_WARN_SHARE:.0%}): the learning rate barely reaches its peak; set train.warmup_ratio "
+            f"(the paper's share is about 0.017) or a lower train.warmup_steps")
+
+
 def lr_at(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, final_lr: float = 0.0) -> float:
     """Linear warm-up from 0 to `peak_lr` over `warmup_steps`, then cosine to `final_lr` at
     `total_steps`. `step` counts optimizer steps from 0; the lr of step s is used for update s."""
