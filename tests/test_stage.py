@@ -88,7 +88,7 @@ def test_a_stage_file_is_found_placed_run_counted_and_priced(spark, fake_llm, tm
     assert fake_llm.count() == 3
     after = {r["stage"]: r for r in stage_status(spark, cfg)}
     assert (after["toy"]["done"], after["toy"]["to_do"]) == (3, 0)
-    assert after["toy"]["tokens"] > 0
+    assert after["toy"]["tokens"] > 0 and after["toy"]["truncated"] == "0.0%"
 
     used = [u for u in usage_by_stage(spark, cfg) if u["stage"] == "toy"]
     assert [(u["table"], u["calls"]) for u in used] == [("toy_notes", 3)]

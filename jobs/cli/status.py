@@ -1,7 +1,9 @@
 """`glan status`: for each stage, rows done, rows to do, failures, tokens and cost so far.
 
 `done` counts the rows of the stage's last LLM output (else of the last table it writes); `to_do`
-the keys its declared calls still have to ask for (jobs/pipeline/stage.py). `spooled` counts calls
+the keys its declared calls still have to ask for (jobs/pipeline/stage.py). `truncated` is the
+share of the stage's calls whose output hit max_tokens (they are failures, asked again; a high
+share drops long outputs from the data: raise that call's max_tokens). `spooled` counts calls
 an interrupted run paid for but did not commit: the next run commits them without asking again
 (they are still counted in `to_do`). `running` names the live runs (host:pid) working on a stage
 right now. Tokens and cost are those of `glan cost`: committed, failed, spooled and in-flight calls
@@ -19,13 +21,14 @@ from jobs.cli.args import add_config_args, config_from_args
 from jobs.cli.output import print_rows, spark_for
 from jobs.config.loader import GlanConfig
 from jobs.pipeline.costs import discipline_scope, usage_by_stage
+from jobs.pipeline.llmstep import TRUNCATED
 from jobs.pipeline.prices import load_prices, priced
 from jobs.pipeline.slices import split_names
 from jobs.pipeline.spool import spool_state
 from jobs.pipeline.stage import Stage, StageContext, call_keys, stages
 from jobs.storage.delta import get_storage
 
-COLUMNS = ["stage", "done", "to_do", "spooled", "failures", "tokens", "usd", "running"]
+COLUMNS = ["stage", "done", "to_do", "spooled", "failures", "truncated", "tokens", "usd", "running"]
 
 
 def stage_status(spark, cfg: GlanConfig, disciplines: Sequence[str] | None = None,
@@ -35,12 +38,8 @@ def stage_status(spark, cfg: GlanConfig, disciplines: Sequence[str] | None = Non
     declared = stages() if declared is None else list(declared)
     storage = get_storage(spark, cfg)
     scope = discipline_scope(spark, cfg, disciplines, declared)
-    failures = {}
-    if storage.exists("failures"):
-        failed = storage.read("failures")
-        if scope is not None:
-            failed = failed.join(scope.calls, ["stage", "row_key"], "left_semi")
-        failures = {r["stage"]: r["n"] for r in failed.groupBy("stage").agg(F.count("*").alias("n")).collect()}
+    failures = _count_by_stage(storage, "failures", scope)
+    truncated = _count_by_stage(storage, "failed_calls", scope, F.col("error_class") == TRUNCATED)
     spool = spool_state(cfg, None if scope is None else scope.ids)
     prices, _ = load_prices()
     usage = priced(usage_by_stage(spark, cfg, scope, spool, declared), prices)
@@ -50,14 +49,28 @@ def stage_status(spark, cfg: GlanConfig, disciplines: Sequence[str] | None = Non
         todo = call_keys(ctx, stage, todo=True)
         mine_usage = [u for u in usage if u["stage"] == stage.name]
         tokens = sum(u["prompt_tokens"] + u["completion_tokens"] for u in mine_usage)
+        calls = sum(u["calls"] for u in mine_usage)
         cost = sum(u["usd"] or 0.0 for u in mine_usage)
         llm = stage.uses_llm
         rows.append({"stage": stage.name, "done": ctx.mine(stage.done_table).count(),
                      "to_do": todo.count() if todo is not None else 0, "failures": failures.get(stage.name, 0),
+                     "truncated": f"{truncated.get(stage.name, 0) / calls:.1%}" if llm and calls else "",
                      "spooled": spool.spooled.get(stage.name, 0) if llm else "",
                      "running": " ".join(spool.running.get(stage.name, [])),
                      "tokens": tokens if llm else "", "usd": round(cost, 4) if llm else ""})
     return rows
+
+
+def _count_by_stage(storage, name: str, scope, where=None) -> dict[str, int]:
+    """Rows of `failures` or `failed_calls` per stage, within the scope's calls (and `where`)."""
+    if not storage.exists(name):
+        return {}
+    frame = storage.read(name)
+    if scope is not None:
+        frame = frame.join(scope.calls, ["stage", "row_key"], "left_semi")
+    if where is not None:
+        frame = frame.filter(where)
+    return {r["stage"]: r["n"] for r in frame.groupBy("stage").agg(F.count("*").alias("n")).collect()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf
 log = logging.getLogger(__name__)
 
 RESULT = "_out"
+TRUNCATED = "truncated"  # the error class of a call whose output hit max_tokens (udfs/llm/client.py)
 _CHUNK = "_chunk"
 _SALT = "_salt"
 
@@ -75,6 +77,7 @@ class StepResult:
     rows_written: int = 0
     failures: int = 0
     recovered: int = 0  # calls paid by an interrupted run, committed from its spool
+    truncated: int = 0  # failures whose output hit max_tokens
     seconds: float = 0.0
 
     def figures(self, prefix: str) -> dict[str, int | float]:
@@ -131,7 +134,22 @@ def run_llm_step(todo: DataFrame, call: LLMCall, *, stage: str, cfg: GlanConfig,
     finally:
         spool.close()
     step.result.seconds = time.monotonic() - started
+    _warn_truncated(step, cfg)
     return step.result
+
+
+def _warn_truncated(step: _Step, cfg: GlanConfig) -> None:
+    """Name the call, and the max_tokens to raise, when more of its calls than
+    pipeline.max_truncated_share were cut at max_tokens: truncated outputs are never kept, so a low
+    cap silently drops the longest syllabi and answers from the data."""
+    asked, truncated = step.result.rows_in - step.result.recovered, step.result.truncated
+    if not asked or truncated / asked <= cfg.pipeline.max_truncated_share:
+        return
+    limit = step.llm.max_tokens
+    print(f"[{step.stage}] {truncated} of {asked} {step.call.prompt} calls ({truncated / asked:.1%}) were cut at "
+          f"{step.call.settings}.max_tokens={limit} (more than pipeline.max_truncated_share="
+          f"{cfg.pipeline.max_truncated_share:g}); the next run asks them again; to keep long outputs, raise it, "
+          f"e.g. --set {step.call.settings}.max_tokens={limit * 2}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -162,7 +180,8 @@ class _Step:
         self.result.rows_written += written.rows_written
         self.progress.rows_written(self.result.rows_written)
         new_failures = _update_failures(self.spark, self.stage, self.call.key, called, failed, self.cfg)
-        self.result.failures += new_failures
+        self.result.failures += len(new_failures)
+        self.result.truncated += sum(row["error_class"] == TRUNCATED for row in new_failures)
         if new_failures:
             _record_failed_usage(failed, self.stage, self.call.key, self.llm, self.cfg)
 
@@ -282,7 +301,7 @@ def _record_in_flight(spark, lost: pa.Table, stage: str, stage_llm: StageLLMConf
     ), "failed_calls", "call_id", cfg)
 
 
-def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: DataFrame, cfg: GlanConfig) -> int:
+def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: DataFrame, cfg: GlanConfig) -> list:
     """Replace this stage's failures for the keys just called: failed ones in, succeeded ones out.
     Only those keys' rows are rewritten, so runs of other slices update theirs at the same time."""
     storage = get_storage(spark, cfg)
@@ -299,9 +318,9 @@ def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: Dat
     ids = called.select(failure_id.alias("failure_id")).distinct()
     if not new and (not storage.exists("failures")
                     or not storage.read("failures").join(F.broadcast(ids), "failure_id", "left_semi").limit(1).count()):
-        return 0
+        return []
     storage.replace(spark.createDataFrame([tuple(r) for r in new], FAILURES.schema), "failures", "failure_id",
                     [r[0] for r in ids.collect()])
     for row in new[:5]:
         log.warning("%s: %s failed: %s: %s", stage, row["row_key"], row["error_class"], (row["error_message"] or "")[:200])
-    return len(new)
+    return new
