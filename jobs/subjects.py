@@ -79,7 +79,7 @@ def _conversion_rows(ctx: StageContext) -> DataFrame:
 
 LISTS = LLMCall(
     prompt="subjects_list", settings="subjects.llm", rows=_list_rows,
-    inputs=("discipline", "sub_field", "field"), seed="sample_index",
+    inputs=("discipline", "sub_field", "field"),
     key="list_id", output="subject_lists", output_key="list_id",
     to_output=lambda ok, llm: ok.select("list_id", "discipline_id", F.col("sample_index").cast("int"),
                                         F.col(RESULT)["text"].alias("subjects_text"), *usage_columns(llm)),

@@ -31,3 +31,31 @@ def test_a_share_within_the_setting_says_nothing(spark, fake_llm, tmp_path, caps
     fake_llm.rate_truncated = 1.0
     run_llm_step(questions(spark, 2), TEST_CALL, stage="test", cfg=cfg)
     assert "were cut at" not in capsys.readouterr().err
+
+
+def test_a_retried_call_draws_with_a_new_seed_recorded_on_its_row(spark, fake_llm, tmp_path):
+    cfg = make_cfg(tmp_path, fake_llm.url)  # llm.send_seed is true by default
+    todo = questions(spark, 3)
+    fake_llm.rate_truncated = 1.0
+    run_llm_step(todo, TEST_CALL, stage="test", cfg=cfg)
+    first = {r.text: r.body["seed"] for r in fake_llm.requests}
+    run_llm_step(todo, TEST_CALL, stage="test", cfg=cfg)  # the next run asks the failed rows again
+    rerun = {r.text: r.body["seed"] for r in fake_llm.requests[3:]}
+    assert len(first) == len(rerun) == 3
+    assert all(rerun[text] != first[text] for text in first)  # each row drew anew
+    fake_llm.rate_truncated = 0.0
+    run_llm_step(todo, TEST_CALL, stage="test", cfg=cfg)
+    third = {r.text: r.body["seed"] for r in fake_llm.requests[6:]}
+    assert len(set(third.values()) | set(rerun.values()) | set(first.values())) == 9
+    failed = get_storage(spark, cfg).read("failed_calls").collect()
+    assert sorted(r["seed"] for r in failed) == sorted([*first.values(), *rerun.values()])  # recorded per call
+
+
+def test_a_first_call_gets_the_same_seed_on_every_run(spark, fake_llm, tmp_path):
+    seeds = []
+    for run in ("a", "b"):
+        cfg = make_cfg(tmp_path / run, fake_llm.url)
+        fake_llm.reset()
+        run_llm_step(questions(spark, 2), TEST_CALL, stage="test", cfg=cfg)
+        seeds.append(sorted(r.body["seed"] for r in fake_llm.requests))
+    assert seeds[0] == seeds[1]

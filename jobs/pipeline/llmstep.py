@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 RESULT = "_out"
 TRUNCATED = "truncated"  # the error class of a call whose output hit max_tokens (udfs/llm/client.py)
 _CHUNK = "_chunk"
+_ATTEMPT = "_attempt"
 _SALT = "_salt"
 
 
@@ -61,6 +62,7 @@ def usage_columns(stage_llm: StageLLMConfig) -> list[Column]:
         out["latency_s"].alias("latency_s"),
         out["attempts"].alias("attempts"),
         F.current_timestamp().alias("created_at"),
+        out["seed"].alias("seed"),
     ]
 
 
@@ -229,7 +231,7 @@ class _Step:
         """Call the LLM chunk by chunk; each chunk is spooled by its tasks, then committed."""
         call, cfg, key = self.call, self.cfg, self.call.key
         chunks = max(1, math.ceil(rows / cfg.pipeline.commit_every_rows))
-        chunked = todo.withColumn(_CHUNK, F.pmod(F.xxhash64(key, F.lit("chunk")), F.lit(chunks)))
+        chunked = self.with_attempts(todo).withColumn(_CHUNK, F.pmod(F.xxhash64(key, F.lit("chunk")), F.lit(chunks)))
         kwargs = {} if call.schema is None else {"schema": call.schema(cfg)}
         self.progress.start_call(call.prompt, chunks, rows)
         for index in range(chunks):
@@ -244,7 +246,7 @@ class _Step:
             # as they come; both writes below read the spool, and the files go only once both are committed.
             values = call.constants(cfg) if call.constants else {}
             constants = [F.lit(value).alias(name) for name, value in values.items()]
-            called = part.withColumn(RESULT, ask_llm(*call.inputs, *constants, seed=call.seed,
+            called = part.withColumn(RESULT, ask_llm(*call.inputs, *constants, seed=self.seed(),
                                                      note=list(dict.fromkeys([key, "discipline_id"]))))
             files = spool.write(called.select(*self.spooled_schema.fieldNames()), intents)
             results = spool.read(files, self.spooled_schema, key, _is_failure(F.col(RESULT)))
@@ -258,6 +260,23 @@ class _Step:
                      self.result.rows_written)
             if self.budget is not None:
                 self.budget.check_running(self.stage)  # committed first: the next run asks only for the rest
+
+    def with_attempts(self, todo: DataFrame) -> DataFrame:
+        """`todo` with `_attempt`: how often each row was asked before (its rows in `failed_calls`)."""
+        storage = get_storage(self.spark, self.cfg)
+        if not storage.exists("failed_calls"):
+            return todo.withColumn(_ATTEMPT, F.lit(0).cast("long"))
+        asked = (storage.read("failed_calls").filter(F.col("stage") == self.stage).groupBy("row_key")
+                 .agg(F.count("*").alias(_ATTEMPT)))
+        joined = todo.join(F.broadcast(asked), F.col(self.call.key).cast("string") == asked["row_key"], "left")
+        return joined.drop("row_key").withColumn(_ATTEMPT, F.coalesce(F.col(_ATTEMPT), F.lit(0)).cast("long"))
+
+    def seed(self) -> Column:
+        """Each row's sampling seed, from its key and how often it was asked before: the same on
+        every rerun of a first call, and new for each retry, so that a call cut at max_tokens (or
+        failed otherwise) is not drawn the same way forever. `call.seed` names a column added to it."""
+        seed = F.pmod(F.xxhash64(F.col(self.call.key).cast("string"), F.col(_ATTEMPT)), F.lit(2**31 - 1))
+        return seed + F.col(self.call.seed).cast("long") if self.call.seed else seed
 
     def charge(self, results: DataFrame) -> None:
         """Charge the budget with what a chunk's calls cost (failed ones too: they were paid)."""
@@ -298,6 +317,7 @@ def _record_in_flight(spark, lost: pa.Table, stage: str, stage_llm: StageLLMConf
         "prompt_tokens", F.lit(None).cast("long").alias("completion_tokens"),
         F.lit(None).cast("long").alias("cached_tokens"), F.lit(None).cast("double").alias("latency_s"),
         F.lit(1).alias("attempts"), F.current_timestamp().alias("created_at"),
+        F.lit(None).cast("long").alias("seed"),
     ), "failed_calls", "call_id", cfg)
 
 
@@ -322,5 +342,6 @@ def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: Dat
     storage.replace(spark.createDataFrame([tuple(r) for r in new], FAILURES.schema), "failures", "failure_id",
                     [r[0] for r in ids.collect()])
     for row in new[:5]:
-        log.warning("%s: %s failed: %s: %s", stage, row["row_key"], row["error_class"], (row["error_message"] or "")[:200])
+        log.warning("%s: %s failed: %s: %s", stage, row["row_key"], row["error_class"],
+                    (row["error_message"] or "")[:200])
     return new

@@ -58,7 +58,7 @@ class LLMCall:
     to_output: Callable[[DataFrame, StageLLMConfig], DataFrame]  # successful rows (result in `_out`) -> output rows
     volume: Callable[[Volume], int]  # calls of a full run, for the estimate
     schema: Callable[[GlanConfig], dict | None] | None = None  # None: the prompt's entry in udfs/llm/schemas.py
-    seed: str | None = None  # column whose value varies the sampling seed per row
+    seed: str | None = None  # a column added to the seed each row gets from its key and attempt
     sort_within: tuple[str, ...] = ()  # keep rows that share a prompt prefix together in a task
     # Prompt variables from the config, the same for every row (sent as literals, not stored in rows).
     constants: Callable[[GlanConfig], dict[str, str]] | None = None
@@ -99,9 +99,9 @@ class Stage:
 
 @dataclass
 class StageContext:
-    """What a stage runs with: its name, the session, the config, the storage, the disciplines asked for
-    (names, None: the config's), the progress it reports and the run's spending guard. One per stage run, so `chosen` reads
-    the taxonomy as the stages before it left it."""
+    """What a stage runs with: its name, the session, the config, the storage, the disciplines
+    asked for (names, None: the config's), the progress it reports and the run's spending guard.
+    One per stage run, so `chosen` reads the taxonomy as the stages before it left it."""
 
     stage: str
     spark: SparkSession

@@ -69,6 +69,7 @@ USAGE_FIELDS = (
     ("latency_s", T.DoubleType()),
     ("attempts", T.IntegerType()),
     ("created_at", T.TimestampType()),
+    ("seed", T.LongType()),  # the sampling seed sent: from the row key and its attempt (null: none sent)
 )
 STRINGS = T.ArrayType(T.StringType())
 
