@@ -8,15 +8,18 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
+from pyspark.sql import types as T
 
 from jobs.config.loader import load_config
 from jobs.errors import ConflictError, GlanError, SchemaMismatchError, TableNotFoundError
+from jobs.storage import tables
 from jobs.storage.delta import WRITES_DIR, EmbeddedDeltaStorage, differing_values, get_storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,3 +382,18 @@ def test_a_write_whose_task_fails_leaves_no_file(spark, storage):
         storage.append_missing(rows, "things", "item")
     assert parquet_files(storage) == before  # the other tasks' files went with the failed write
     assert content(storage) == {("a", "1")}
+
+
+def test_a_table_made_before_a_column_was_added_takes_new_rows_without_it(spark, storage, monkeypatch, caplog):
+    spec = tables.TABLES["answers"]
+    older = T.StructType([f for f in spec.schema.fields if f.name != "seed"])
+    monkeypatch.setitem(tables.TABLES, "answers", replace(spec, schema=older))
+    storage.append_missing(spark.createDataFrame([{"answer_id": "a", "answer": "x"}], older), "answers", "answer_id")
+    monkeypatch.setitem(tables.TABLES, "answers", spec)  # this version: answers has `seed`
+    rows = spark.createDataFrame([{"answer_id": "b", "answer": "y", "seed": 5}], spec.schema)
+    assert storage.append_missing(rows, "answers", "answer_id").rows_written == 1
+    assert sorted(r.answer_id for r in storage.read("answers").collect()) == ["a", "b"]
+    assert "without column(s) seed" in caplog.text
+    fresh = get_storage(spark, load_config([], [f"run_root={storage.cfg.run_root}2", "storage.backend=embedded"]))
+    fresh.append_missing(rows, "answers", "answer_id")
+    assert fresh.read("answers").first().seed == 5  # a new run root has the column

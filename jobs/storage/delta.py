@@ -99,6 +99,27 @@ def _type_str(dtype: T.DataType) -> str:
     return dtype.simpleString()
 
 
+def without_newer_columns(df: DataFrame, name: str, table: T.StructType) -> DataFrame:
+    """Rows for a table written by an earlier version: the columns its TableSpec has gained since
+    (nullable, e.g. `seed`) are left out, with a warning, instead of failing every write; a new run
+    root has them."""
+    spec = spec_for(name)
+    if spec is None:
+        return df
+    have = set(table.fieldNames())
+    newer = [c for c in df.columns if c not in have and c in spec.schema.fieldNames()]
+    if not newer:
+        return df
+    if (name, tuple(newer)) not in _WARNED_OLDER:
+        _WARNED_OLDER.add((name, tuple(newer)))
+        log.warning("table '%s' was made by an earlier version without column(s) %s: written without them "
+                    "(a new run root has them)", name, ", ".join(newer))
+    return df.drop(*newer)
+
+
+_WARNED_OLDER: set[tuple[str, tuple[str, ...]]] = set()
+
+
 def check_schema(df: DataFrame, name: str, expected: T.StructType | None) -> DataFrame:
     """The rows must have exactly the table's columns and types; returns them in table order."""
     if expected is None:
@@ -409,7 +430,8 @@ class EmbeddedDeltaStorage(Storage):
         if read_version is None:
             read_version = dt.version() if dt is not None else -1
         if dt is not None and mode in ("append", "replace"):
-            df = check_schema(df, name, self._spark_schema(name, dt))
+            table = self._spark_schema(name, dt)
+            df = check_schema(without_newer_columns(df, name, table), name, table)
         else:
             df = check_schema(df, name, spec.schema if spec and not own_schema else None)
         if keys:
@@ -878,7 +900,8 @@ class NativeDeltaStorage(Storage):
         if not self.exists(name):
             df.write.format("delta").mode("append").save(self.uri(name))
         else:
-            df = check_schema(df, name, self.read(name).schema)
+            table = self.read(name).schema
+            df = check_schema(without_newer_columns(df, name, table), name, table)
             condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
             (self._delta(name).alias("t").merge(df.alias("s"), condition)
              .whenNotMatchedInsertAll().execute())
