@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GLAN_SHARED", REPO.parent / "shared"))
+from tests.support import SHARED
+
 # Tests read the benchmark files from the shared copy (offline, fast), never from the user-level
 # cache that a product run fills from PyPI; a test that sets decontam.benchmarks_dir still wins.
 os.environ["GLAN_BENCHMARKS_DIR"] = str(SHARED / "benchmarks")

@@ -15,7 +15,7 @@ from pathlib import Path
 from jobs.spark.package import build_pyfiles
 from jobs.pipeline.stage import stages
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO  # noqa: E402
 
 
 def test_pyfiles_zip_holds_packages_templates_and_conf(tmp_path):

@@ -22,8 +22,6 @@ from jobs.errors import ConflictError, GlanError, SchemaMismatchError, TableNotF
 from jobs.storage import tables
 from jobs.storage.delta import WRITES_DIR, EmbeddedDeltaStorage, differing_values, get_storage
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture()
 def cfg(tmp_path):

@@ -25,7 +25,7 @@ from jobs.storage.delta import read_table
 from tests.taxonomies import TWO_DISCIPLINES as TAXONOMY
 
 pytest_plugins = ["tests.fake_llm_fixture"]
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 SHARED = REPO.parent / "shared"
 SAMPLES = 10
 

@@ -14,8 +14,8 @@ import pytest
 
 from jobs.pipeline.costs import usage_by_stage
 from jobs.pipeline.runner import run_pipeline
-from tests.test_pipeline import KILLED_RUN, REPO, make_cfg, settings
-from tests.test_spool import _key  # noqa: F401 - autouse fixture: the test key in the environment
+from tests.jobs.pipeline.test_runner import KILLED_RUN, REPO, make_cfg, settings
+from tests.jobs.pipeline.test_spool import _key  # noqa: F401 - autouse fixture: the test key in the environment
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 DELAY_S = 1.5  # per question call: a task's calls stay in flight this long

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from jobs.pipeline.llmstep import TRUNCATED, run_llm_step
 from jobs.storage.delta import get_storage
-from tests.test_spool import TEST_CALL, _key, make_cfg, questions  # noqa: F401 - _key is an autouse fixture
+from tests.jobs.pipeline.test_spool import TEST_CALL, _key, make_cfg, questions  # noqa: F401 - _key is an autouse fixture
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 

@@ -16,7 +16,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from jobs.cli import main as cli
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import pytest
 
@@ -13,15 +12,11 @@ from udfs.llm import schemas
 from udfs.llm.client import CALL_HEADER, CallSpec, LLMClient, LLMRequest, redact
 from udfs.llm.config import LLMConfig, StageLLMConfig
 from udfs.llm.prompts import load_prompt
+from tests.support import TEST_PROMPTS, items_schema
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 
-TEST_PROMPTS = Path(__file__).parent / "prompts_llm"
-ITEMS_SCHEMA = {
-    "type": "object",
-    "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 5}},
-    "required": ["items"],
-}
+ITEMS_SCHEMA = items_schema(2, 5)
 STAGE = StageLLMConfig(model="test-model", temperature=0.7, top_p=0.9, max_tokens=512)
 CANARY = "sk-CANARY-7f3a9c2e5b1d8e4f"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED
+from tests.support import REPO, SHARED
 from jobs.decontam import fetch, registry
 from jobs.errors import ConfigError, InputError
 

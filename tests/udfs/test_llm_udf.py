@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from pyspark.sql import functions as F
 
 from udfs.llm.config import LLMConfig, StageLLMConfig
 from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf
 from udfs.llm.prompts import load_prompt
+from tests.support import TEST_PROMPTS, items_schema
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 
-TEST_PROMPTS = Path(__file__).parent / "prompts_llm"
-ITEMS_SCHEMA = {
-    "type": "object",
-    "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3}},
-    "required": ["items"],
-}
+ITEMS_SCHEMA = items_schema(1, 3)
 
 
 def llm_for(server, **overrides) -> LLMConfig:

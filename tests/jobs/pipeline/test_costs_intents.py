@@ -16,7 +16,7 @@ from jobs.answers import ANSWERS
 from jobs.pipeline.llmstep import RESULT, run_llm_step, usage_columns
 from jobs.pipeline.spool import INTENTS, _unanswered
 from jobs.storage.delta import read_table
-from tests.test_spool import _key, answer_inputs, dead_run, make_cfg  # noqa: F401 - _key is an autouse fixture
+from tests.jobs.pipeline.test_spool import _key, answer_inputs, dead_run, make_cfg  # noqa: F401 - _key is an autouse fixture
 from udfs.llm_udf import llm_udf
 
 pytest_plugins = ["tests.fake_llm_fixture"]

@@ -30,7 +30,7 @@ from jobs.glan.taxonomy import (
     slugify,
     write_review_file,
 )
-from tests.conftest import REPO, SHARED
+from tests.support import REPO, SHARED
 
 SHIPPED = REPO / "conf" / "taxonomy.yaml"
 PAPER_FIELDS = [

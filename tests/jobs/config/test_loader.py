@@ -18,7 +18,7 @@ from jobs.cli.output import format_table
 from jobs.config.loader import load_config
 from jobs.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 # The JVM itself prints this once at start-up, before glan can say anything; it is not our output.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
@@ -20,6 +19,7 @@ from jobs.pipeline.runner import run_pipeline
 from jobs.pipeline.stage import Stage, markdown_table, ordered, stages
 from jobs.storage.delta import get_storage
 from jobs.storage.tables import ANSWERS, TABLES
+from tests.support import REPO
 
 # A whole stage, as a newcomer would write it: one LLM call over the answers, one table.
 TOY_STAGE = textwrap.dedent('''
@@ -110,7 +110,7 @@ def test_stages_that_read_each_other_in_a_circle_are_refused():
 
 
 def test_readme_stage_table_is_the_declarations():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- stages:", 1)[1].split("<!-- /stages -->", 1)[0]
     table = block.split("\n", 1)[1].strip()
     assert table == markdown_table(stages()), "README's stage table is stale: paste `glan stages --format markdown`"

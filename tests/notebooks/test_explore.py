@@ -15,7 +15,7 @@ nbclient = pytest.importorskip("nbclient")
 kernelspec = pytest.importorskip("ipykernel.kernelspec")
 pytest.importorskip("matplotlib")
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 NOTEBOOK = REPO / "notebooks" / "explore.ipynb"
 
 

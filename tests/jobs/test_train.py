@@ -37,7 +37,7 @@ from jobs.training.recipe import (
     warmup_warning,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} "
@@ -491,7 +491,7 @@ def test_cpu_smoke_run_learns_saves_and_resumes(tiny_export, tiny_model, tmp_pat
 def _bench_train():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).resolve().parents[1] / "bench" / "train.py")
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

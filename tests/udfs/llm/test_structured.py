@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import jinja2
 import pytest
 
 from udfs.llm.prompts import Prompt, load_prompt
 from udfs.llm.structured import check_schema, coerce_to_schema, extract_json, parse_output, validate
+from tests.support import TEST_PROMPTS, items_schema
 
-TEST_PROMPTS = Path(__file__).parent / "prompts_llm"
 
-ITEMS_SCHEMA = {
-    "type": "object",
-    "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 4}},
-    "required": ["items"],
-    "additionalProperties": False,
-}
+ITEMS_SCHEMA = items_schema(1, 4, closed=True)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from jobs.pipeline.llmstep import run_llm_step
 from jobs.pipeline.prices import Budget, Price, load_prices, planned_cost
 from jobs.pipeline.runner import run_pipeline
 from jobs.storage.delta import get_storage
-from tests.test_spool import TEST_CALL, _key, make_cfg, questions  # noqa: F401 - _key is an autouse fixture
+from tests.jobs.pipeline.test_spool import TEST_CALL, _key, make_cfg, questions  # noqa: F401 - _key is an autouse fixture
 
 pytest_plugins = ["tests.fake_llm_fixture"]
 

@@ -18,10 +18,10 @@ from jobs.config.loader import load_config
 from jobs.pipeline.runner import run_pipeline
 from jobs.storage.delta import KILL_AFTER_COMMIT_ENV, get_storage
 from tests.taxonomies import TWO_DISCIPLINES
-from tests.test_pipeline import settings as pipeline_settings
+from tests.jobs.pipeline.test_runner import settings as pipeline_settings
 
 pytest_plugins = ["tests.fake_llm_fixture"]
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 # Columns that differ between two runs of the same work: when and how fast, not what; and the
 # cached prompt tokens, which depend on what the server saw before (another run's same prompts).
 VOLATILE = {"created_at", "latency_s", "failed_at", "cached_tokens"}

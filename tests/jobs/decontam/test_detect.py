@@ -5,7 +5,6 @@ standalone command writes clean data and the contamination table."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import sys
@@ -13,7 +12,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO, SHARED
+from tests.support import REPO, SHARED
 from jobs.config.loader import load_config
 from jobs.errors import ConfigError, InputError
 from jobs.decontam.detect import (CONTAMINATION_COLUMNS, build_benchmark_items, decontaminate, detect,
