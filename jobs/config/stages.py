@@ -27,7 +27,7 @@ class SubjectsConfig:
 
     samples_per_discipline: int = 10
     max_subjects_per_sample: int = 40  # the JSON schema's maxItems (llama.cpp grammars need a bound)
-    llm: StageLLMConfig = field(default_factory=lambda: _strong(1.0, 0.95, 2048))
+    llm: StageLLMConfig = field(default_factory=lambda: _strong(1.0, 0.95, 4096))
     convert_llm: StageLLMConfig = field(default_factory=lambda: _strong(0.0, 1.0, 4096))
 
     def __post_init__(self) -> None:
@@ -40,8 +40,8 @@ class SyllabusConfig:
 
     max_sessions: int = 30  # the paper sees 10-30 sessions per syllabus
     max_concepts_per_session: int = 10  # about 5 in the paper
-    llm: StageLLMConfig = field(default_factory=lambda: _strong(1.0, 0.95, 4096))
-    extract_llm: StageLLMConfig = field(default_factory=lambda: _strong(0.0, 1.0, 4096))
+    llm: StageLLMConfig = field(default_factory=lambda: _strong(1.0, 0.95, 8192))
+    extract_llm: StageLLMConfig = field(default_factory=lambda: _strong(0.0, 1.0, 8192))
 
     def __post_init__(self) -> None:
         at_least(self, 1, "max_sessions", "max_concepts_per_session")
@@ -60,7 +60,7 @@ class AnswersConfig:
     """GLAN step 5: a cheaper model answers each question, T 0.7, top_p 0.95."""
 
     llm: StageLLMConfig = field(default_factory=lambda: StageLLMConfig(
-        model=CHEAP_MODEL, temperature=0.7, top_p=0.95, max_tokens=2048))
+        model=CHEAP_MODEL, temperature=0.7, top_p=0.95, max_tokens=4096))
     # The paper sends the question alone. A system message here steers every answer (e.g. toward
     # chain of thought), which changes the data away from GLAN's: off (null) by default.
     system_prompt: str | None = None
