@@ -268,6 +268,65 @@ class Storage(ABC):
 # Embedded backend: pyarrow writes in tasks, delta-rs commits on the driver
 
 
+class _TaskFiles:
+    """The Parquet files one task writes into a table folder: a new file past TARGET_FILE_BYTES or
+    when the split value changes; for each, its name, size, rows, key hashes and split value."""
+
+    def __init__(self, table_uri: str, write_id: str, arrow_schema: pa.Schema) -> None:
+        ctx = TaskContext.get()
+        self.part, self.attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
+        self.fs, self.root = pafs.FileSystem.from_uri(table_uri)
+        self.write_id, self.arrow_schema = write_id, arrow_schema
+        self.written: list[tuple[str, int, int, bytes, str | None]] = []
+        self.writer = self.name = self.value = None
+        self.rows = self.bytes_in = self.file_index = 0
+        self.hashes: list[pa.Array] = []
+
+    def needs_new_file(self, value: object) -> bool:
+        return self.writer is None or self.bytes_in >= TARGET_FILE_BYTES or value != self.value
+
+    def open(self, value: object) -> None:
+        self.close()
+        self.value = value
+        # The attempt number keeps a retried task from overwriting a file a previous attempt may
+        # still be writing; only the successful attempt's rows reach the driver.
+        self.name = f"part-{self.part:05d}-{self.write_id}-a{self.attempt}-{self.file_index:03d}.snappy.parquet"
+        self.file_index += 1
+        sink = self.fs.open_output_stream(f"{self.root}/{self.name}")
+        self.writer = pq.ParquetWriter(sink, self.arrow_schema, compression="snappy")
+        self.rows = self.bytes_in = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        table = pa.Table.from_batches([batch])
+        if KEY_HASH in table.column_names:
+            self.hashes.append(table.column(KEY_HASH).combine_chunks())
+            table = table.drop_columns([KEY_HASH])
+        self.writer.write_table(table.cast(self.arrow_schema))
+        self.rows += batch.num_rows
+        self.bytes_in += batch.nbytes
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        size = self.fs.get_file_info(f"{self.root}/{self.name}").size
+        blob = b"".join(h.to_numpy(zero_copy_only=False).astype("<i8").tobytes() for h in self.hashes)
+        self.written.append((self.name, size, self.rows, blob, None if self.value is None else str(self.value)))
+        self.hashes.clear()
+        self.writer = None
+
+    def where(self) -> str:
+        return f"{self.root}/{self.name}" if self.name else self.root
+
+    def metadata(self) -> pa.RecordBatch:
+        w = self.written
+        return pa.RecordBatch.from_pydict(
+            {"path": [x[0] for x in w], "size": [x[1] for x in w], "num_records": [x[2] for x in w],
+             "key_hashes": [x[3] for x in w], "split_value": [x[4] for x in w]},
+            schema=_FILE_META_ARROW,
+        )
+
+
 def _write_files_udf(table_uri: str, write_id: str, arrow_schema: pa.Schema, split_by: str | None = None):
     """mapInArrow function: write this task's rows into Parquet files under the table folder.
 
@@ -275,61 +334,21 @@ def _write_files_udf(table_uri: str, write_id: str, arrow_schema: pa.Schema, spl
     column, so a later `replace` of some values touches only their own files."""
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        ctx = TaskContext.get()
-        part = ctx.partitionId() if ctx else 0
-        attempt = ctx.attemptNumber() if ctx else 0
-        fs, root = pafs.FileSystem.from_uri(table_uri)
-        written: list[tuple[str, int, int, bytes, str | None]] = []
-        writer = None
-        name = None
-        rows = bytes_in = 0
-        file_index = 0
-        hashes: list[pa.Array] = []
-
-        def close() -> None:
-            nonlocal writer
-            if writer is not None:
-                writer.close()
-                size = fs.get_file_info(f"{root}/{name}").size
-                blob = b"".join(h.to_numpy(zero_copy_only=False).astype("<i8").tobytes() for h in hashes)
-                written.append((name, size, rows, blob, None if value is None else str(value)))
-                hashes.clear()
-                writer = None
-
-        value = None
+        files = _TaskFiles(table_uri, write_id, arrow_schema)
         try:
             for batch in _split_runs(batches, split_by):
                 if batch.num_rows == 0:
                     continue
-                run_value = batch.column(split_by)[0].as_py() if split_by else None
-                if writer is None or bytes_in >= TARGET_FILE_BYTES or run_value != value:
-                    close()
-                    value = run_value
-                    # The attempt number keeps a retried task from overwriting a file a previous
-                    # attempt may still be writing; only the successful attempt's rows reach the driver.
-                    name = f"part-{part:05d}-{write_id}-a{attempt}-{file_index:03d}.snappy.parquet"
-                    file_index += 1
-                    sink = fs.open_output_stream(f"{root}/{name}")
-                    writer = pq.ParquetWriter(sink, arrow_schema, compression="snappy")
-                    rows = bytes_in = 0
-                table = pa.Table.from_batches([batch])
-                if KEY_HASH in table.column_names:
-                    hashes.append(table.column(KEY_HASH).combine_chunks())
-                    table = table.drop_columns([KEY_HASH])
-                writer.write_table(table.cast(arrow_schema))
-                rows += batch.num_rows
-                bytes_in += batch.nbytes
-            close()
+                value = batch.column(split_by)[0].as_py() if split_by else None
+                if files.needs_new_file(value):
+                    files.open(value)
+                files.write(batch)
+            files.close()
         except OSError as exc:  # pyarrow's message names no file: say which one (a full disk, say)
             code = exc.errno or (errno.ENOSPC if "No space left" in str(exc) else errno.EIO)
-            raise OSError(code, exc.strerror or str(exc), f"{root}/{name}" if name else root) from exc
-        if written:
-            yield pa.RecordBatch.from_pydict(
-                {"path": [w[0] for w in written], "size": [w[1] for w in written],
-                 "num_records": [w[2] for w in written], "key_hashes": [w[3] for w in written],
-                 "split_value": [w[4] for w in written]},
-                schema=_FILE_META_ARROW,
-            )
+            raise OSError(code, exc.strerror or str(exc), files.where()) from exc
+        if files.written:
+            yield files.metadata()
 
     return write
 
