@@ -365,7 +365,7 @@ def render_chart(manifest: dict[str, Any]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"), which must come first: no display
 
     fields = _field_counts(manifest)
     names = list(fields) or ["(empty)"]
