@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import re
 import shutil
 import sys
@@ -19,7 +20,7 @@ from pyspark.errors import PySparkException
 
 from jobs.cli.args import add_config_args
 from jobs.config.loader import load_config
-from jobs.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, GlanError
+from jobs.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GlanError
 from jobs.spark.session import is_local_path, local_path
 
 log = logging.getLogger("glan")
@@ -141,6 +142,9 @@ def run_guarded(func: Callable[[], int], argv: Sequence[str] | None = None) -> i
         _silence_spark()
         print("glan: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`glan sql ... | head -1`): nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the CLI's promise is one line, not a traceback
         log.debug("traceback", exc_info=True)
         full = _no_space_path(exc)
