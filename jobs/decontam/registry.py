@@ -5,7 +5,9 @@ fills from the PyPI packages that ship them.
 
 A benchmark item is one record of a benchmark file: its text is the registry's text fields joined
 by newlines, list fields flattened one element a line, `{text: [...], label: [...]}` choices
-contributing their text.
+contributing their text. `BenchmarkCoverage` says what each benchmark asked for contributed, for the
+report: its items per split, and a WARNING line for a shortfall (no items, a split asked for but
+absent, items without a word to check).
 """
 
 from __future__ import annotations
@@ -41,15 +43,25 @@ class BenchmarkSpec:
     split: str | None = None
     split_field: str | None = None
     id_fields: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ()  # with split_field: the splits to check; empty: every record
 
     def __post_init__(self) -> None:
         if not self.text_fields:
             raise ValueError(f"text_fields of benchmark '{self.name}' must not be empty")
         if (self.split is None) == (self.split_field is None):
             raise ValueError(f"benchmark '{self.name}' needs exactly one of split and split_field")
+        if self.splits and self.split_field is None:
+            raise ValueError(f"benchmark '{self.name}': splits needs split_field (with split: "
+                             f"{self.split} every record is of that one split)")
 
 
-_SPEC_KEYS = {"name", "file", "text_fields", "split", "split_field", "id_fields"}
+_SPEC_KEYS = {"name", "file", "text_fields", "split", "split_field", "id_fields", "splits"}
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A registry list of names; one name alone may be written without brackets."""
+    value = value or ()
+    return tuple(str(v) for v in ([value] if isinstance(value, str) else value))
 
 
 def parse_registry(data: Any, source: str) -> list[BenchmarkSpec]:
@@ -67,16 +79,13 @@ def parse_registry(data: Any, source: str) -> list[BenchmarkSpec]:
         for key in ("name", "file", "text_fields"):
             if not entry.get(key):
                 raise ConfigError(f"{where}: '{key}' is required")
-        fields = entry["text_fields"]
-        fields = [fields] if isinstance(fields, str) else fields
-        ids = entry.get("id_fields") or ()
-        ids = [ids] if isinstance(ids, str) else ids
         try:
             spec = BenchmarkSpec(name=str(entry["name"]), file=str(entry["file"]),
-                                 text_fields=tuple(str(f) for f in fields),
+                                 text_fields=_names(entry["text_fields"]),
                                  split=None if entry.get("split") is None else str(entry["split"]),
                                  split_field=entry.get("split_field"),
-                                 id_fields=tuple(str(f) for f in ids))
+                                 id_fields=_names(entry.get("id_fields")),
+                                 splits=_names(entry.get("splits")))
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if spec.name in seen:
@@ -87,14 +96,16 @@ def parse_registry(data: Any, source: str) -> list[BenchmarkSpec]:
 
 
 def load_registry(registry: str, names: Iterable[str] = ()) -> list[BenchmarkSpec]:
-    """The registry file (a path, or a file in the packaged conf/), restricted to `names`."""
+    """The registry file (a path, or a file in the packaged conf/), restricted to `names`. A name
+    the registry lacks is a ConfigError listing the known ones: a typo must not pass for a
+    benchmark checked."""
     path = find_conf_file(registry)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     specs = parse_registry(data, str(path))
-    names = list(names)
+    names = [n.strip() for n in names if n.strip()]
     if names:
         known = {s.name for s in specs}
         unknown = [n for n in names if n not in known]
@@ -173,28 +184,89 @@ def read_records(path: str, spark=None) -> Iterator[dict[str, Any]]:
 
 
 def benchmark_rows(spec: BenchmarkSpec, benchmarks_dir: str, spark=None) -> list[tuple[str, str, str, str]]:
-    """(benchmark, split, item_id, text) of every record of one benchmark. A record without one
-    of the text fields is an InputError naming the file and the field. Item ids are unique: when
-    two records share their id fields, every item of the benchmark is named by its position."""
+    """(benchmark, split, item_id, text) of every record of one benchmark (of `spec.splits` only,
+    when it names some: then the result may be empty, which the report warns about). A record
+    without one of the text fields is an InputError naming the file and the field, and so is a
+    file without records. Item ids are unique: when two records share their id fields, every item
+    of the benchmark is named by its position in the file."""
     path = resolve_file(spec, benchmarks_dir)
-    rows = []
+    rows, positions, num_records = [], [], 0
     for index, record in enumerate(read_records(path, spark)):
+        num_records += 1
         for name in (*spec.text_fields, *spec.id_fields, *([spec.split_field] if spec.split_field else [])):
             if name not in record:
                 raise InputError(f"{path}: record {index} has no field '{name}' "
                                  f"(benchmark '{spec.name}' in the registry)")
-        text = "\n".join(flatten_text(record[f]) for f in spec.text_fields)
         split = str(record[spec.split_field]) if spec.split_field else spec.split
+        if spec.splits and split not in spec.splits:
+            continue
+        text = "\n".join(flatten_text(record[f]) for f in spec.text_fields)
         item_id = "/".join(str(record[f]) for f in spec.id_fields) if spec.id_fields else str(index)
         rows.append((spec.name, split, item_id, text))
-    if not rows:
+        positions.append(index)
+    if not num_records:
         raise InputError(f"{path}: benchmark '{spec.name}' has no records")
     repeated = len(rows) - len({r[2] for r in rows})
     if repeated:
         log.warning("benchmark '%s': %d records repeat the id_fields (%s) of another in %s; its item ids "
                     "are the record positions instead", spec.name, repeated, ", ".join(spec.id_fields), path)
-        rows = [(name, split, str(index), text) for index, (name, split, _, text) in enumerate(rows)]
+        rows = [(name, split, str(index), text) for index, (name, split, _, text) in zip(positions, rows)]
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# What each benchmark contributed
+
+
+@dataclass(frozen=True)
+class BenchmarkCoverage:
+    """What one benchmark asked for contributed to the check: its items per split, and how many of
+    them have no word to check (their text is only punctuation or symbols, or empty: the word-based
+    detectors cannot match them)."""
+
+    spec: BenchmarkSpec
+    path: str
+    items: tuple[tuple[str, int], ...] = ()          # (split, items): the registry's splits first
+    without_words: tuple[tuple[str, int], ...] = ()  # (split, items without a word)
+
+    @property
+    def num_items(self) -> int:
+        return sum(n for _, n in self.items)
+
+    @property
+    def num_without_words(self) -> int:
+        return sum(n for _, n in self.without_words)
+
+    @property
+    def missing_splits(self) -> tuple[str, ...]:
+        """The registry's `splits` that contributed no item."""
+        held = {split for split, n in self.items if n}
+        return tuple(s for s in self.spec.splits if s not in held)
+
+    def splits_text(self) -> str:
+        """`test 1172, validation 299`, plus the items that cannot match when there are some."""
+        text = ", ".join(f"{split} {n}" for split, n in self.items) or "-"
+        if self.num_without_words:
+            text += f" ({self.num_without_words} without a word to check)"
+        return text
+
+    def warnings(self) -> list[str]:
+        """What was asked for and is not checked, one message each; none when all of it is. The
+        report prints them as `WARNING: ...` lines, the pipeline's stage logs them as warnings."""
+        name, fields = self.spec.name, ", ".join(self.spec.text_fields)
+        asked = f" (the registry's splits: {', '.join(self.spec.splits)})" if self.spec.splits else ""
+        if not self.num_items:
+            why = (f"{self.path} holds no record of split(s) {', '.join(self.missing_splits)}"
+                   if self.missing_splits else f"no item was read from {self.path}")
+            return [f"benchmark '{name}' contributed no items: {why}; nothing of it was checked"]
+        out = []
+        if self.missing_splits:
+            out.append(f"benchmark '{name}': {self.path} holds no record of split(s) "
+                       f"{', '.join(self.missing_splits)}{asked}; only {self.splits_text()} checked")
+        if self.num_without_words == self.num_items:
+            out.append(f"benchmark '{name}' contributed no items: none of its {self.num_items} "
+                       f"items has a word in its text_fields ({fields}); nothing of it was checked")
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
