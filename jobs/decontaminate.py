@@ -2,10 +2,14 @@
 discipline and field) and the benchmark registry; writes `benchmark_items`, `contamination` and
 `instructions` (the clean pairs, with their lineage, as `glan export` reads them).
 
-Every pair is checked, question and answer, against the test and training items of every benchmark
-in `conf/benchmarks.yaml` (exact 13-gram overlap and MinHash LSH), and near-duplicate questions
-inside the generated data are reduced to one per cluster. No LLM calls; the tables are rebuilt from
-all answers each run, so they never disagree with `answers`.
+Every pair is checked, question and answer, against the items of every benchmark in
+`conf/benchmarks.yaml` (exact 13-gram overlap and MinHash LSH): the paper asks for test and training
+items, and the default files hold mostly test splits (the file's header says which are missing, and
+how to add them). Near-duplicate questions inside the generated data are reduced to one per
+cluster. No LLM calls; the tables are rebuilt from all answers each run, so they never disagree
+with `answers`. A benchmark name the registry lacks stops the stage (exit 2), pairs or none; one
+that contributed less than asked (no items, a split of the registry's `splits` absent) is a logged
+warning, and the figures count the benchmarks and their items.
 Run: spark-submit jobs/decontaminate.py --conf conf/local.yaml
      spark-submit jobs/decontaminate.py --input PATH --text-fields a,b --output DIR: any dataset
      (the same as `glan decontaminate`, jobs/decontam/files.py)
@@ -20,12 +24,14 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from jobs.decontam import files
-from jobs.decontam.detect import decontaminate, staged_benchmark_items
+from jobs.decontam.detect import benchmark_coverage, decontaminate, staged_benchmark_items
+from jobs.decontam.registry import load_registry
 from jobs.errors import ConflictError
 from jobs.pipeline.runner import stage_main
 from jobs.pipeline.stage import Stage, StageContext
 from jobs.storage.delta import Storage, digests
 from jobs.storage.tables import INSTRUCTIONS
+
 log = logging.getLogger(__name__)
 
 
@@ -59,6 +65,7 @@ def _benchmark_items(ctx: StageContext) -> DataFrame:
 
 def run(ctx: StageContext) -> dict:
     storage, cfg = ctx.storage, ctx.cfg
+    load_registry(cfg.decontam.registry, cfg.decontam.benchmarks)  # an unknown name fails now, not once pairs exist
     items = None
     attempts = cfg.storage.commit_retries + 1
     for attempt in range(attempts):
@@ -83,8 +90,14 @@ def run(ctx: StageContext) -> dict:
                 raise
             log.warning("decontaminate: another run committed its tables first; deriving them again")
     clean = storage.read("instructions").count()
+    coverage = benchmark_coverage(items, cfg.decontam)
+    warnings = [message for cov in coverage for message in cov.warnings()]
+    for message in warnings:
+        log.warning("decontaminate: %s", message)
     removed = {r["benchmark"]: r["num_pairs"] for r in report.collect()}
-    return {"pairs": num_in, "clean": clean, **{f"removed_{k}": v for k, v in removed.items()}}
+    return {"pairs": num_in, "clean": clean, "benchmarks": len(coverage),
+            "benchmark_items": sum(cov.num_items for cov in coverage), "benchmark_warnings": len(warnings),
+            **{f"removed_{k}": v for k, v in removed.items()}}
 
 
 STAGE = Stage(name="decontaminate", reads=("answers", "questions", "subjects", "taxonomy"),

@@ -37,7 +37,8 @@ from pyspark.sql.window import Window
 from jobs.config.decontam import DecontamConfig, MinHashConfig, NearDupConfig, NgramConfig
 from jobs.decontam import textsim
 from jobs.decontam.fetch import ensure_benchmark_files
-from jobs.decontam.registry import benchmark_rows, load_registry
+from jobs.decontam.registry import (BenchmarkCoverage, benchmark_rows, load_registry, resolve_benchmarks_dir,
+                                    resolve_file)
 from jobs.errors import InputError
 from jobs.spark.session import arrow_filesystem
 
@@ -105,6 +106,36 @@ def staged_benchmark_items(spark: SparkSession, cfg: DecontamConfig, scratch: st
         yield spark.read.schema(BENCHMARK_ITEMS_SCHEMA).parquet(f"{scratch.rstrip('/')}/{name}")
     finally:
         fs.delete_file(f"{root}/{name}")
+
+
+@F.pandas_udf(T.IntegerType())
+def _num_words_udf(texts: pd.Series) -> pd.Series:
+    lengths, _, _ = textsim.flatten_words(texts)
+    return pd.Series(lengths, dtype="int32")
+
+
+def benchmark_coverage(items: DataFrame, cfg: DecontamConfig) -> list[BenchmarkCoverage]:
+    """What each benchmark asked for (`cfg.benchmarks`, else every one of the registry) contributed
+    to `items`, in registry order: its items per split and those without a word to check. One
+    that contributed nothing is listed too, with zero items: the report warns about it."""
+    specs = load_registry(cfg.registry, cfg.benchmarks)
+    folder, _ = resolve_benchmarks_dir(cfg.benchmarks_dir)
+    counts = (items.withColumn("_no_words", (_num_words_udf("text") == 0).cast("int"))
+              .groupBy("benchmark", "split")
+              .agg(F.count(F.lit(1)).alias("num_items"), F.sum("_no_words").alias("num_without_words"))
+              .collect())
+    by_name: dict[str, list] = {}
+    for row in counts:
+        by_name.setdefault(row["benchmark"], []).append(row)
+    out = []
+    for spec in specs:
+        order = {split: i for i, split in enumerate(spec.splits)}
+        rows = sorted(by_name.get(spec.name, []), key=lambda r: (order.get(r["split"], len(order)), r["split"]))
+        out.append(BenchmarkCoverage(spec, resolve_file(spec, folder),
+                                     items=tuple((r["split"], r["num_items"]) for r in rows),
+                                     without_words=tuple((r["split"], r["num_without_words"]) for r in rows
+                                                         if r["num_without_words"])))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,10 +518,24 @@ def build_report(contamination: DataFrame) -> DataFrame:
             .orderBy("benchmark"))
 
 
-def format_report(report: DataFrame, num_in: int, num_out: int) -> str:
+def format_report(report: DataFrame, num_in: int, num_out: int,
+                  coverage: Sequence[BenchmarkCoverage] = ()) -> str:
+    """The report as text: pairs in and out; a line per benchmark of `coverage` (every one asked
+    for, zeros included: its items, the pairs it removed, in all and by detector, and its items per
+    split), then the report's other rows (`self`: near-duplicates); last a `WARNING: ...` line for
+    each benchmark that contributed less than was asked (see BenchmarkCoverage.warnings)."""
+    removed = {row["benchmark"]: row for row in report.collect()}
     lines = [f"pairs in: {num_in}, clean: {num_out}, removed: {num_in - num_out}",
-             f"{'benchmark':<24}{'removed':>9}{'ngram':>9}{'minhash':>9}{'near_dup':>9}"]
-    for row in report.collect():
-        lines.append(f"{row['benchmark']:<24}{row['num_pairs']:>9}{row['num_pairs_ngram']:>9}"
-                     f"{row['num_pairs_minhash']:>9}{row['num_pairs_near_duplicate']:>9}")
+             f"{'benchmark':<24}{'items':>9}{'removed':>9}{'ngram':>9}{'minhash':>9}{'near_dup':>9}  splits"]
+
+    def line(name: str, items: str, splits: str) -> str:
+        row = removed.get(name)
+        counts = [row[c] if row else 0 for c in ("num_pairs", "num_pairs_ngram", "num_pairs_minhash",
+                                                 "num_pairs_near_duplicate")]
+        return f"{name:<24}{items:>9}" + "".join(f"{n:>9}" for n in counts) + (f"  {splits}" if splits else "")
+
+    listed = {cov.spec.name for cov in coverage}
+    lines += [line(cov.spec.name, str(cov.num_items), cov.splits_text()) for cov in coverage]
+    lines += [line(name, "-", "") for name in removed if name not in listed]
+    lines += [f"WARNING: {message}" for cov in coverage for message in cov.warnings()]
     return "\n".join(lines)

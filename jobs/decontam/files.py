@@ -3,7 +3,9 @@ reasons for every removal out, as Delta tables under --output (`glan sql --set r
 
 Run: glan decontaminate --input PATH --text-fields a,b --output DIR [--benchmarks NAMES]
      (or spark-submit jobs/decontaminate.py --input PATH ...)
-Bad input stops the run with one line that names the file and line, before anything is written.
+Bad input stops the run with one line that names the file and line, before anything is written;
+so does a benchmark name the registry lacks, or a missing benchmark file, before Spark starts. The
+report names every benchmark asked for, with a WARNING line for one that contributed less than asked.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.cli.args import add_config_args, config_from_args
-from jobs.decontam.detect import decontaminate, format_report, staged_benchmark_items
+from jobs.decontam.detect import benchmark_coverage, decontaminate, format_report, staged_benchmark_items
+from jobs.decontam.fetch import ensure_benchmark_files
+from jobs.decontam.registry import load_registry
 from jobs.errors import InputError
 from jobs.spark.session import arrow_filesystem, get_spark
 from jobs.storage.delta import Storage, get_storage
@@ -151,12 +155,16 @@ def write_output_table(storage: Storage, df: DataFrame, name: str) -> None:
 def run(args: argparse.Namespace, cfg=None) -> str:
     """Standalone decontamination: writes the Delta tables <output>/instructions and
     <output>/contamination (readable with `glan sql --set run_root=<output>`) and returns the
-    report text (the CLI prints it). Nothing is written when the input is bad."""
+    report text (the CLI prints it): a line for every benchmark asked for, and a WARNING line for
+    each that contributed less than asked. Nothing is written when the input is bad, and a
+    benchmark name the registry lacks or a benchmark file that is missing stops the run before
+    Spark starts."""
     cfg = cfg or config_from_args(args)
     dc = cfg.decontam
-    names = tuple(n for n in args.benchmarks.split(",") if n) or dc.benchmarks
+    names = tuple(n.strip() for n in args.benchmarks.split(",") if n.strip()) or dc.benchmarks
     fields = tuple(f.strip() for f in args.text_fields.split(",") if f.strip())
     dc = dataclasses.replace(dc, benchmarks=names, text_fields=fields)
+    ensure_benchmark_files(load_registry(dc.registry, dc.benchmarks), dc.benchmarks_dir)
     skip = dc.skip_bad_records if args.skip_bad_records is None else args.skip_bad_records
     out = args.output.rstrip("/")
     out_cfg = dataclasses.replace(cfg, run_root=out)
@@ -176,8 +184,9 @@ def run(args: argparse.Namespace, cfg=None) -> str:
             instructions = instructions.drop(id_col)
         write_output_table(storage, instructions, "instructions")
         write_output_table(storage, contamination, "contamination")
+        coverage = benchmark_coverage(items, dc)
     num_out = storage.read("instructions").count()
-    text = format_report(report, check.num_records - check.num_bad, num_out)
+    text = format_report(report, check.num_records - check.num_bad, num_out, coverage)
     if check.num_bad:
         text = f"skipped {check.num_bad} bad input records: {check.summary()}\n{text}"
     return text
