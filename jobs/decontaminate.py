@@ -23,6 +23,7 @@ import sys
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from jobs.config.loader import GlanConfig
 from jobs.decontam import files
 from jobs.decontam.detect import benchmark_coverage, decontaminate, staged_benchmark_items
 from jobs.decontam.registry import load_registry
@@ -63,9 +64,14 @@ def _benchmark_items(ctx: StageContext) -> DataFrame:
     return storage.read("benchmark_items")
 
 
+def check(cfg: GlanConfig) -> None:
+    """An unknown benchmark name fails before any stage of the run starts, not once pairs exist."""
+    load_registry(cfg.decontam.registry, cfg.decontam.benchmarks)
+
+
 def run(ctx: StageContext) -> dict:
     storage, cfg = ctx.storage, ctx.cfg
-    load_registry(cfg.decontam.registry, cfg.decontam.benchmarks)  # an unknown name fails now, not once pairs exist
+    check(cfg)  # also here: a stage run alone, or from a test
     items = None
     attempts = cfg.storage.commit_retries + 1
     for attempt in range(attempts):
@@ -103,7 +109,8 @@ def run(ctx: StageContext) -> dict:
 STAGE = Stage(name="decontaminate", reads=("answers", "questions", "subjects", "taxonomy"),
               writes=("benchmark_items", "contamination", "instructions"), run=run,
               description="removes pairs that overlap a benchmark (13-grams, MinHash LSH) and near-duplicate "
-                          "questions; no LLM")
+                          "questions; no LLM",
+              check=check)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,9 @@ def run_pipeline(cfg: GlanConfig, stages: Sequence[str] | None = None, disciplin
     slice `disciplines`. Returns the exit code: EXIT_FAILED_CALLS when more LLM calls failed than
     pipeline.max_failed_share allows."""
     chosen = select(all_stages() if declared is None else declared, stages)
+    for stage in chosen:
+        if stage.check is not None:
+            stage.check(cfg)
     spark = get_spark("glan-run", master=cfg.spark.master, shuffle_partitions=cfg.spark.shuffle_partitions,
                       run_root=cfg.run_root, extra_conf=cfg.spark.conf)
     started = time.monotonic()

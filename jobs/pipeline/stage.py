@@ -79,6 +79,9 @@ class Stage:
     run: Callable[[StageContext], dict]
     calls: tuple[LLMCall, ...] = ()
     description: str = ""  # what it does, in a phrase, for README's stage table and `glan stages`
+    # Settings it can check before any stage of the run starts (raise ConfigError): a typo found
+    # before the LLM stages spend anything, not at the end.
+    check: Callable[[GlanConfig], None] | None = None
     module: str = ""  # the entry point, `jobs.<name>`; filled in by stages()
 
     @property

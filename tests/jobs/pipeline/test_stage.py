@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 import jobs
 from jobs.cli.status import stage_status
 from jobs.config.loader import load_config
-from jobs.errors import ConfigError
+from jobs.errors import ConfigError, GlanError
 from jobs.pipeline.costs import estimate, usage_by_stage
 from jobs.pipeline.prices import load_prices
 from jobs.pipeline.runner import run_pipeline
@@ -114,3 +114,11 @@ def test_readme_stage_table_is_the_declarations():
     block = readme.split("<!-- stages:", 1)[1].split("<!-- /stages -->", 1)[0]
     table = block.split("\n", 1)[1].strip()
     assert table == markdown_table(stages()), "README's stage table is stale: paste `glan stages --format markdown`"
+
+
+def test_a_stage_check_stops_the_run_before_its_first_stage(spark, tmp_path):
+    cfg = load_config([], [f"run_root={tmp_path / 'run'}", "storage.backend=embedded",
+                           "decontam.benchmarks=[gsm8k, nosuch]"])
+    with pytest.raises(GlanError, match="nosuch"):
+        run_pipeline(cfg)
+    assert not get_storage(spark, cfg).exists("taxonomy")  # nothing ran
