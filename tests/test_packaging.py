@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import re
@@ -27,6 +29,7 @@ def test_pyfiles_zip_holds_packages_templates_and_conf(tmp_path):
     assert first.read_bytes() == second.read_bytes()  # reproducible: same sources, same bytes
 
 
+@pytest.mark.slow
 def test_spark_submit_py_files_imports_the_package_on_executors(tmp_path):
     artifact = build_pyfiles(tmp_path / "dist")
     job = tmp_path / "check_cluster.py"

@@ -138,6 +138,7 @@ def test_label_tokens_skip_the_prompt_and_the_first_position():
     assert label_tokens(np.array([6, 4, 3]), np.array([3, 0, 3])).tolist() == [3, 3, 0]
 
 
+@pytest.mark.slow
 def test_token_weighted_loss_through_hf_equals_the_mean_over_all_answer_tokens():
     """The model's own loss with num_items_in_batch=loss_divisor, scaled as DeepSpeed scales it
     (1/accumulation, mean over ranks), has the gradient of the mean over every answer token."""
@@ -397,6 +398,7 @@ def test_a_corrupt_shard_is_named_and_a_half_written_part_is_redone(tiny_export,
     assert len(calls) == 1
 
 
+@pytest.mark.slow
 def test_a_missing_export_is_one_line(tiny_model, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--export", str(tmp_path / "none"),
                              "--model", str(tiny_model), "--output", str(tmp_path / "out")],
@@ -407,6 +409,7 @@ def test_a_missing_export_is_one_line(tiny_model, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_deepspeed_step_follows_the_token_mean_on_one_and_two_ranks(tiny_model, tmp_path):
     """DeepSpeed's own scaling (1/accumulation, mean over ranks, ZeRO-2 reduce-scatter) with our
     divisor gives the gradient of the mean over every answer token of the step."""
@@ -428,6 +431,7 @@ def test_deepspeed_step_follows_the_token_mean_on_one_and_two_ranks(tiny_model, 
         assert figures["batch_mean_error"] > 1e-2, figures  # the check can tell the two apart
 
 
+@pytest.mark.slow
 def test_cpu_smoke_run_learns_saves_and_resumes(tiny_export, tiny_model, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

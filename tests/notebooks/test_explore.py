@@ -57,6 +57,7 @@ def test_committed_notebook_has_no_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_a_small_run(fake_llm, tmp_path, monkeypatch):
     monkeypatch.setenv("GLAN_TEST_KEY", "sk-test-key")
     sets = small_run(tmp_path, fake_llm.url)

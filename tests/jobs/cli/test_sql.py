@@ -138,6 +138,7 @@ def test_json_prints_one_object_per_line(spark, run, capsys):
     assert json.loads(lines[0]) == {"question_id": "q1", "detail": {"n": 1, "tags": ["a\nb"]}}
 
 
+@pytest.mark.slow
 def test_insert_overwrite_directory_from_the_shell_is_refused_as_the_last_line(run):
     """The reported case, end to end in a fresh process: exit 2, and the table and its log survive."""
     before = files_of(run)

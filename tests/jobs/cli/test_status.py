@@ -23,6 +23,7 @@ def _key(monkeypatch):
     monkeypatch.setenv("GLAN_TEST_KEY", "sk-test-key")
 
 
+@pytest.mark.slow
 def test_status_of_some_disciplines_counts_only_their_rows_failures_tokens_and_cost(spark, fake_llm, tmp_path, capsys):
     taxonomy = tmp_path / "taxonomy.yaml"
     taxonomy.write_text(TWO_DISCIPLINES)

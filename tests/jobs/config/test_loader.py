@@ -81,6 +81,7 @@ def test_bad_set_is_exit_2_and_nothing_written(tmp_path, sets):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_tables_and_sql_over_a_run(tmp_path):
     run = tmp_path / "run"
     setup = f"""
@@ -211,6 +212,7 @@ def test_a_python_worker_error_is_its_own_last_line(spark, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "glan: error: PYTHON_EXCEPTION: ValueError: row 7 has no question_id"
 
 
+@pytest.mark.slow
 def test_tables_flags_missing_data_files_and_vacuum_removes_leftovers(tmp_path):
     run = tmp_path / "run"
     setup = f"""

@@ -76,6 +76,7 @@ def planted_run(spark, items):
     return truth, contamination.toPandas(), instructions.toPandas(), report.toPandas()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, minimum", [("verbatim", 0.99), ("embedded", 0.99), ("noisy", 0.99),
                                            ("edited", 0.9)])
 def test_planted_items_are_found(planted_run, kind, minimum):
@@ -86,6 +87,7 @@ def test_planted_items_are_found(planted_run, kind, minimum):
     assert recall >= minimum, f"{kind}: recall {recall:.3f}"
 
 
+@pytest.mark.slow
 def test_verbatim_items_name_the_item_and_an_excerpt(planted_run):
     truth, found, _, _ = planted_run
     exact = set(zip(found["pair_id"], found["benchmark"], found["item_id"]))
@@ -97,6 +99,7 @@ def test_verbatim_items_name_the_item_and_an_excerpt(planted_run):
     assert set(found["detector"]) == {"ngram", "minhash"}
 
 
+@pytest.mark.slow
 def test_clean_text_is_not_flagged(planted_run):
     truth, found, instructions, _ = planted_run
     false = set(found["pair_id"]) - set(truth)
@@ -107,6 +110,7 @@ def test_clean_text_is_not_flagged(planted_run):
     assert not kept & set(found["pair_id"])
 
 
+@pytest.mark.slow
 def test_report_counts_pairs_per_benchmark_and_detector(planted_run):
     _, found, _, report = planted_run
     for row in report.itertuples():
@@ -136,6 +140,7 @@ def _sorted(df) -> list[tuple]:
     return sorted(tuple(r) for r in df.collect())
 
 
+@pytest.mark.slow
 def test_results_are_identical_across_runs_and_partitionings(spark):
     cfg = _cfg("decontam.benchmarks=[gsm8k,mbpp,humaneval]")
     items = build_benchmark_items(spark, cfg)
@@ -152,6 +157,7 @@ def test_results_are_identical_across_runs_and_partitionings(spark):
     assert len({r[0] for r in contamination if r[4] != "near_duplicate"}) >= 25
 
 
+@pytest.mark.slow
 def test_near_duplicate_clusters_keep_the_smallest_id(spark):
     from jobs.decontam.detect import connected_components
 
@@ -160,7 +166,9 @@ def test_near_duplicate_clusters_keep_the_smallest_id(spark):
     assert labels == {"a": "a", "b": "a", "c": "a", "d": "a", "x": "x", "y": "x"}
 
 
-def test_missing_text_column_is_an_input_error(spark, items):
+def test_missing_text_column_is_an_input_error(spark):
+    items = spark.createDataFrame([("gsm8k", "test", "0", "a benchmark item of a few words")],
+                                  "benchmark string, split string, item_id string, text string")
     pairs = spark.createDataFrame([("p1", "q")], ["pair_id", "question"])
     with pytest.raises(InputError, match="answer"):
         detect(pairs, items, _cfg())
@@ -185,6 +193,7 @@ def _standalone_args(src, out, *extra: str) -> argparse.Namespace:
                               "--benchmarks", "gsm8k", *extra])
 
 
+@pytest.mark.slow
 def test_standalone_command_writes_delta_tables_that_glan_sql_reads(spark, tmp_path, capsys):
     from deltalake import DeltaTable
 
@@ -251,6 +260,7 @@ def test_an_empty_input_says_it_is_empty(spark, tmp_path, content):
         run(_standalone_args(src, tmp_path / "out"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [["--skip-bad-records"], ["--set", "decontam.skip_bad_records=true"]])
 def test_bad_records_can_be_skipped_and_counted(spark, tmp_path, how):
     from deltalake import DeltaTable

@@ -3,6 +3,8 @@ flight when a run died (possibly paid, from the intents its tasks wrote before s
 
 from __future__ import annotations
 
+import pytest
+
 import dataclasses
 from pathlib import Path
 
@@ -41,6 +43,7 @@ def calls(usage, table=None) -> int:
     return sum(u["calls"] for u in usage if table is None or u["table"] == table)
 
 
+@pytest.mark.slow
 def test_calls_in_flight_when_a_run_died_are_counted_then_recorded_and_paid_again(spark, fake_llm, tmp_path):
     cfg = make_cfg(tmp_path, fake_llm.url)
     todo = questions(spark, 10)

@@ -3,6 +3,8 @@ raise: truncated outputs are never kept, so a low cap silently drops the longest
 
 from __future__ import annotations
 
+import pytest
+
 from dataclasses import replace
 
 from jobs.pipeline.llmstep import TRUNCATED, run_llm_step
@@ -12,6 +14,7 @@ from tests.jobs.pipeline.test_spool import TEST_CALL, _key, make_cfg, questions 
 pytest_plugins = ["tests.fake_llm_fixture"]
 
 
+@pytest.mark.slow
 def test_a_call_cut_at_max_tokens_too_often_is_named_with_the_setting_to_raise(spark, fake_llm, tmp_path, capsys):
     cfg = make_cfg(tmp_path, fake_llm.url)
     fake_llm.rate_truncated = 1.0
@@ -33,6 +36,7 @@ def test_a_share_within_the_setting_says_nothing(spark, fake_llm, tmp_path, caps
     assert "were cut at" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_retried_call_draws_with_a_new_seed_recorded_on_its_row(spark, fake_llm, tmp_path):
     cfg = make_cfg(tmp_path, fake_llm.url)  # llm.send_seed is true by default
     todo = questions(spark, 3)

@@ -62,6 +62,7 @@ def table(spark, name, cfg):
     return read_table(spark, name, cfg)
 
 
+@pytest.mark.slow
 def test_end_to_end_rows_calls_lineage_and_resume(spark, fake_llm, tmp_path):
     cfg = make_cfg(tmp_path, fake_llm.url)
     assert run_pipeline(cfg) == 0
@@ -144,6 +145,7 @@ def test_end_to_end_rows_calls_lineage_and_resume(spark, fake_llm, tmp_path):
     assert len([r for r in new_requests if r.kind == "syllabus"]) == new_subjects
 
 
+@pytest.mark.slow
 def test_garbage_and_empty_lists_fill_failures_then_a_rerun_retries_only_them(spark, fake_llm, tmp_path):
     cfg = make_cfg(tmp_path, fake_llm.url, **{"subjects.samples_per_discipline": 2})
     fake_llm.add_rule(kind="subjects_convert", contains="Logic", empty_lists=True)
@@ -219,6 +221,7 @@ def spooled_rows(folder: Path) -> dict[str, str]:
     return rows
 
 
+@pytest.mark.slow
 def test_run_killed_in_the_questions_stage_resumes_without_paying_twice(spark, fake_llm, tmp_path):
     # Chunks of 8 rows in tasks of 2: a kill finds some chunks committed and, in the chunk under
     # way, some tasks' results already spooled.

@@ -81,6 +81,7 @@ def discipline_id(spark, cfg, name: str) -> str:
     return get_storage(spark, cfg).read("taxonomy").filter(F.col("discipline") == name).first()["discipline_id"]
 
 
+@pytest.mark.slow
 def test_subjects_behind_their_conversions_are_rebuilt_without_asking_again(spark, fake_llm, tmp_path, taxonomy):
     cfg = load_config([], settings(tmp_path / "run", taxonomy, fake_llm.url))
     assert run_pipeline(cfg, stages=["taxonomy", "subjects"]) == 0
@@ -192,6 +193,7 @@ def test_the_same_slice_twice_on_a_fresh_root_says_already_running(fake_llm, tmp
     assert "changed while it was being overwritten" not in err
 
 
+@pytest.mark.slow
 def test_failed_calls_make_the_run_exit_3_unless_within_the_allowed_share(fake_llm, tmp_path, taxonomy):
     from jobs.errors import EXIT_FAILED_CALLS
 

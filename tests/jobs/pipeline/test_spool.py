@@ -79,6 +79,7 @@ def dead_run(spark, cfg, name="dead-run", stage="test", output="t_answers") -> S
     return spool
 
 
+@pytest.mark.slow
 def test_a_rerun_commits_what_the_interrupted_run_spooled_and_asks_only_for_the_rest(spark, fake_llm, tmp_path):
     cfg = make_cfg(tmp_path, fake_llm.url)
     todo = questions(spark, 10)
@@ -189,6 +190,7 @@ def test_of_two_runs_that_claim_at_once_the_later_one_stops(spark, fake_llm, tmp
     first.close()
 
 
+@pytest.mark.slow
 def test_a_run_of_one_slice_commits_only_its_disciplines_and_leaves_the_rest(spark, fake_llm, tmp_path):
     cfg = make_cfg(tmp_path, fake_llm.url)
     todo = questions(spark, 6)  # d0: q00 q02 q04; d1: q01 q03 q05

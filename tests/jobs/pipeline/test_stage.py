@@ -69,6 +69,7 @@ def test_the_stages_run_in_the_order_their_tables_give():
     assert all(s.module == f"jobs.{s.name}" for s in stages())
 
 
+@pytest.mark.slow
 def test_a_stage_file_is_found_placed_run_counted_and_priced(spark, fake_llm, tmp_path, toy_stage):
     names = [s.name for s in stages()]
     assert names.index("answers") < names.index("toy")  # it reads what answers writes

@@ -129,6 +129,7 @@ SCRIPT_HEAD = """
 """
 
 
+@pytest.mark.slow
 def test_write_killed_before_commit_leaves_table_as_before(spark, storage, tmp_path):
     storage.append_missing(rows(spark, [("a", "1")]), "things", "id")
     before_files = set(os.listdir(storage.uri("things")))
@@ -149,6 +150,7 @@ def test_write_killed_before_commit_leaves_table_as_before(spark, storage, tmp_p
     assert storage.read("things").count() == 51
 
 
+@pytest.mark.slow
 def test_two_processes_appending_at_once_both_commit(storage, tmp_path):
     root = storage.cfg.run_root
     barrier = tmp_path / "barrier"
