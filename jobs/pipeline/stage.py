@@ -63,7 +63,6 @@ class LLMCall:
     # Prompt variables from the config, the same for every row (sent as literals, not stored in rows).
     constants: Callable[[GlanConfig], dict[str, str]] | None = None
 
-
     def llm(self, cfg: GlanConfig) -> StageLLMConfig:
         """The call's model and sampling settings, from `settings`."""
         return attrgetter(self.settings)(cfg)
