@@ -27,10 +27,6 @@ from udfs.servers.embedded import embedded_endpoint
 log = logging.getLogger(__name__)
 
 
-def stage_names() -> list[str]:
-    return [s.name for s in all_stages()]
-
-
 def run_pipeline(cfg: GlanConfig, stages: Sequence[str] | None = None, disciplines: Sequence[str] | None = None,
                  *, declared: Sequence[Stage] | None = None) -> int:
     """Run `stages` (names; default all) of `declared` (default: every stage in jobs/) over the
