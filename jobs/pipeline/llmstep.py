@@ -144,7 +144,7 @@ def _warn_truncated(step: _Step, cfg: GlanConfig) -> None:
     """Name the call, and the max_tokens to raise, when more of its calls than
     pipeline.max_truncated_share were cut at max_tokens: truncated outputs are never kept, so a low
     cap silently drops the longest syllabi and answers from the data."""
-    asked, truncated = step.result.rows_in - step.result.recovered, step.result.truncated
+    asked, truncated = step.result.rows_in, step.result.truncated  # recovered calls count on both sides
     if not asked or truncated / asked <= cfg.pipeline.max_truncated_share:
         return
     limit = step.llm.max_tokens
