@@ -28,6 +28,7 @@ def fake_llm(fake_llm_server: FakeLLM) -> Iterator[FakeLLM]:
     saved = dict(vars(server))
     yield server
     for name in ("latency_ms", "jitter_ms", "rate_429", "rate_500", "rate_timeout", "rate_malformed",
-                 "rate_truncated", "retry_after_s", "timeout_hold_s"):
+                 "rate_truncated", "retry_after_s", "timeout_hold_s", "batch_processing_s", "rate_batch_expired",
+                 "rate_batch_line_failed", "batch_fail_whole", "batch_stuck", "batch_max_lines", "batch_max_bytes"):
         setattr(server, name, saved[name])
     server.reset()

@@ -4,6 +4,8 @@ A real HTTP/1.1 server (stdlib asyncio, keep-alive) on 127.0.0.1 speaking
 
     POST /v1/chat/completions   (also the Azure path /openai/deployments/<d>/chat/completions)
     GET  /v1/models
+    POST /v1/files, GET /v1/files/{id}, GET /v1/files/{id}/content          (OpenAI's Files API, purpose=batch)
+    POST /v1/batches, GET /v1/batches[/{id}], POST /v1/batches/{id}/cancel  (OpenAI's Batch API)
     GET  /stats                 total chat requests, counts by HTTP status, by call kind, by fault,
                                 tokens, and `repeated_ok` (successes for messages already answered)
 
@@ -24,6 +26,16 @@ In-process use runs the server on a background thread:
     ... LLMConfig(base_url=server.url) ...
     server.count(kind="subjects_list"); server.requests; server.reset(); server.stop()
 
+Batches: a batch is `in_progress` for `batch_processing_s` after its creation, then each line of its
+input is answered exactly as the online endpoint answers the same body (the call kind is the batch's
+`metadata.glan_call`), successes in the output file, the rest in the error file. Faults: a share of
+lines expired (`rate_batch_expired`: the batch ends `expired`) or failed with an error body
+(`rate_batch_line_failed`), drawn like the online faults; the next `batch_fail_whole` batches fail as
+a whole (`failed`, with `errors`), the next `batch_stuck` batches stay `in_progress` until cancelled.
+An input file OpenAI would refuse (bad JSON, duplicate custom_id, mixed models, over
+`batch_max_lines`) fails its batch the same way. Files and batches are kept in memory; the
+Authorization header is never kept.
+
 CLI (`glan fake-llm` or `python -m udfs.servers.fake_llm`): `--port P --latency-ms N --rate-429 F ...`.
 """
 
@@ -32,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -40,6 +53,7 @@ import signal
 import struct
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +64,8 @@ log = logging.getLogger("glan.fake_llm")
 
 CALL_HEADER = "x-glan-call"  # lower case: HTTP header names are case-insensitive (see udfs.llm.client)
 _CHAT_PATH = re.compile(r"^(/v1)?(/openai/deployments/[^/]+)?/chat/completions$")
+_FILES_PATH = re.compile(r"^(?:/v1|/openai)?/files(?:/([^/]+))?(/content)?$")
+_BATCHES_PATH = re.compile(r"^(?:/v1|/openai)?/batches(?:/([^/]+))?(/cancel)?$")
 Answer = tuple[int, dict[str, str], bytes]  # (HTTP status, extra headers, body)
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +275,17 @@ class RecordedRequest:
 
     @property
     def text(self) -> str:
-        messages = self.body.get("messages", []) if isinstance(self.body, dict) else []
-        return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        return _messages_text(self.body)
+
+
+def _messages_text(body: Any) -> str:
+    """The text of a chat body's messages, which rules match against."""
+    messages = body.get("messages", []) if isinstance(body, dict) else []
+    return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+
+
+def _error_body(message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": kind}}
 
 
 @dataclass(frozen=True)
@@ -307,6 +332,111 @@ def _cap_tokens(content: str, finish: str, max_tokens: Any) -> tuple[str, str, i
 
 
 # ---------------------------------------------------------------------------------------------
+# Batch API: files and batches
+
+
+_EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+_CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
+_BATCH_ENDPOINTS = ("/v1/chat/completions", "/chat/completions")  # OpenAI's, and Azure's deployments
+
+
+@dataclass
+class _Batch:
+    """A batch: `obj` is the OpenAI batch object as served; the rest is how it will end."""
+
+    obj: dict[str, Any]
+    number: int
+    lines: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+    kind: str
+    processing_s: float
+    stuck: bool
+    started: float = 0.0
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """The fields of a multipart/form-data body: name -> (filename or None, content)."""
+    boundary = re.search(r'boundary="?([^";]+)"?', content_type)
+    if boundary is None:
+        return {}
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for chunk in raw.split(b"--" + boundary.group(1).encode("latin-1")):
+        head, sep, content = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        disposition = head.decode("latin-1")
+        name = re.search(r'\bname="([^"]*)"', disposition)
+        filename = re.search(r'\bfilename="([^"]*)"', disposition)
+        if name is not None:
+            fields[name.group(1)] = (filename.group(1) if filename else None, content.removesuffix(b"\r\n"))
+    return fields
+
+
+def _line_problem(item: Any, endpoint: str, custom_ids: set[str], models: set[str]) -> tuple[str, str] | None:
+    """(code, message) when one input line would make OpenAI refuse the whole file, else None."""
+    if not isinstance(item, dict):
+        return "invalid_request", "A line is not a JSON object."
+    for name in ("custom_id", "method", "url", "body"):
+        if name not in item:
+            return "missing_required_parameter", f"Missing required parameter: '{name}'."
+    if not isinstance(item["custom_id"], str) or not item["custom_id"]:
+        return "invalid_custom_id", "custom_id must be a non-empty string."
+    if item["custom_id"] in custom_ids:
+        return "duplicate_custom_id", f"The custom_id '{item['custom_id']}' is not unique in this file."
+    if item["method"] != "POST":
+        return "invalid_method", f"Only POST is supported, not '{item['method']}'."
+    if item["url"] != endpoint:
+        return "mismatched_endpoint", f"The url '{item['url']}' does not match the batch endpoint '{endpoint}'."
+    body = item["body"]
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return "invalid_request", "body must be a JSON object with messages."
+    models.add(str(body.get("model")))
+    if len(models) > 1:
+        return "mismatched_model", "All requests in a batch input file must use the same model."
+    return None
+
+
+def _parse_batch_input(content: bytes, endpoint: str, max_lines: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(lines, errors): the requests of an input file, and the errors (code, message, line) for which
+    OpenAI fails the whole batch at validation."""
+    lines: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    custom_ids: set[str] = set()
+    models: set[str] = set()
+    for number, text in enumerate(content.decode("utf-8", errors="replace").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            item = json.loads(text)
+        except ValueError:
+            item, problem = None, ("invalid_json_line", "This line is not parseable as valid JSON.")
+        else:
+            problem = _line_problem(item, endpoint, custom_ids, models)
+        if problem is not None:
+            errors.append({"code": problem[0], "message": problem[1], "param": None, "line": number})
+            continue
+        custom_ids.add(item["custom_id"])
+        lines.append(item)
+    if not lines and not errors:
+        errors.append({"code": "empty_file", "message": "The input file has no requests.", "param": None, "line": None})
+    if len(lines) > max_lines:
+        errors.append({"code": "too_many_requests", "param": None, "line": None,
+                       "message": f"The input file has {len(lines)} requests; the limit is {max_lines}."})
+    return lines, errors
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+
+
+def _line_row(digest: bytes, custom_id: str, status: int | None, body: dict[str, Any] | None,
+              error: dict[str, str] | None = None) -> dict[str, Any]:
+    """One line of an output or error file; `status` None: the request never ran (error set)."""
+    response = None if status is None else {"status_code": status, "request_id": f"req_{digest.hex()[:24]}", "body": body}
+    return {"id": f"batch_req_{digest.hex()[24:48]}", "custom_id": custom_id, "response": response, "error": error}
+
+
+# ---------------------------------------------------------------------------------------------
 # The server
 
 
@@ -328,9 +458,18 @@ class FakeLLM:
         seed: int = 0,
         model: str = "fake-llm",
         record: bool = True,
+        batch_processing_s: float = 0.0,
+        rate_batch_expired: float = 0.0,
+        rate_batch_line_failed: float = 0.0,
+        batch_fail_whole: int = 0,
+        batch_stuck: int = 0,
+        batch_max_lines: int = 50_000,
+        batch_max_bytes: int = 200 * 2**20,
     ):
         for name, rate in (("rate_429", rate_429), ("rate_500", rate_500), ("rate_timeout", rate_timeout),
-                           ("rate_malformed", rate_malformed), ("rate_truncated", rate_truncated)):
+                           ("rate_malformed", rate_malformed), ("rate_truncated", rate_truncated),
+                           ("rate_batch_expired", rate_batch_expired),
+                           ("rate_batch_line_failed", rate_batch_line_failed)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name}={rate} is outside [0, 1]")
         if rate_429 + rate_500 + rate_timeout > 1.0:
@@ -341,6 +480,16 @@ class FakeLLM:
         self.rate_malformed, self.rate_truncated = rate_malformed, rate_truncated
         self.retry_after_s, self.timeout_hold_s = retry_after_s, timeout_hold_s
         self.seed, self.model, self.record = seed, model, record
+        # Batch API: the knobs are read when a batch is created (processing time, whole-batch faults)
+        # or finished (the per-line shares); fail_whole and stuck count down one per batch created.
+        self.batch_processing_s = batch_processing_s
+        self.rate_batch_expired, self.rate_batch_line_failed = rate_batch_expired, rate_batch_line_failed
+        self.batch_fail_whole, self.batch_stuck = batch_fail_whole, batch_stuck
+        self.batch_max_lines, self.batch_max_bytes = batch_max_lines, batch_max_bytes
+        self._ids = itertools.count(1)  # file and batch ids: unique for the server's life, reset or not
+        self._files: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self._batches: dict[str, _Batch] = {}
+        self._batch_lock = threading.RLock()  # taken before self._lock, never inside it
         self.requests: list[RecordedRequest] = []
         self.rules: list[Rule] = []
         self._seen: Counter[bytes] = Counter()
@@ -397,14 +546,17 @@ class FakeLLM:
         self.stop()
 
     def reset(self) -> None:
-        """Forget requests, statistics, rules and fault history (settings stay)."""
+        """Forget requests, statistics, rules, fault history, files and batches (settings stay)."""
+        with self._batch_lock:
+            self._files, self._batches = {}, {}
         with self._lock:
             self.requests = []
             self.rules = []
             self._seen = Counter()
             self._answered: set[bytes] = set()
             self._stats = {"total": 0, "repeated_ok": 0, "by_status": Counter(), "by_kind": Counter(), "by_fault": Counter(),
-                           "prompt_tokens": 0, "completion_tokens": 0}
+                           "prompt_tokens": 0, "completion_tokens": 0,
+                           "files_uploaded": 0, "batches": Counter(), "batch_lines": Counter()}
 
     def add_rule(self, **kwargs: Any) -> Rule:
         rule = Rule(**kwargs)
@@ -417,11 +569,20 @@ class FakeLLM:
                    if (kind is None or r.kind == kind) and (status is None or r.status == status))
 
     def stats(self) -> dict[str, Any]:
+        """Online: chat requests by status, kind and fault, and tokens. `batch`: files uploaded,
+        batches by outcome (created, completed, expired, failed, cancelled), batch lines by outcome
+        (completed, expired, failed, cancelled, repeated_ok) and their tokens."""
+        self._advance_batches()  # a batch past its processing time is finished before it is counted
         with self._lock:
             s = self._stats
+            lines = s["batch_lines"]
+            batch = {"files_uploaded": s["files_uploaded"],
+                     "batches": {k: s["batches"][k] for k in ("created", "completed", "expired", "failed", "cancelled")},
+                     "lines": {k: lines[k] for k in ("completed", "expired", "failed", "cancelled", "repeated_ok")},
+                     "tokens": {"prompt": lines["prompt_tokens"], "completion": lines["completion_tokens"]}}
             return {"total": s["total"], "repeated_ok": s["repeated_ok"], "by_status": {str(k): v for k, v in s["by_status"].items()},
                     "by_kind": dict(s["by_kind"]), "by_fault": dict(s["by_fault"]),
-                    "tokens": {"prompt": s["prompt_tokens"], "completion": s["completion_tokens"]}}
+                    "tokens": {"prompt": s["prompt_tokens"], "completion": s["completion_tokens"]}, "batch": batch}
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -459,15 +620,17 @@ class FakeLLM:
                         headers[name.strip().lower()] = value.strip()
                 length = int(headers.get("content-length") or 0)
                 body = await reader.readexactly(length) if length else b""
-                answer = await self._dispatch(method, target.split("?")[0], headers, body)
+                path, _, query = target.partition("?")
+                answer = await self._dispatch(method, path, query, headers, body)
                 if answer is None:  # a held-open "timeout": drop the connection without a reply
                     break
                 status, extra, payload = answer
                 reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
                           429: "Too Many Requests", 500: "Internal Server Error"}.get(status, "Error")
-                head_out = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
+                content_type = extra.get("content-type", "application/json")
+                head_out = [f"HTTP/1.1 {status} {reason}", f"content-type: {content_type}",
                             f"content-length: {len(payload)}"]
-                head_out += [f"{k}: {v}" for k, v in extra.items()]
+                head_out += [f"{k}: {v}" for k, v in extra.items() if k != "content-type"]
                 writer.write(("\r\n".join(head_out) + "\r\n\r\n").encode("latin-1") + payload)
                 await writer.drain()
                 if headers.get("connection", "").lower() == "close":
@@ -481,7 +644,8 @@ class FakeLLM:
                 self._handlers.discard(task)
             writer.close()
 
-    async def _dispatch(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
+    async def _dispatch(self, method: str, path: str, query: str, headers: dict[str, str],
+                        body: bytes) -> Answer | None:
         if method == "GET" and path in ("/v1/models", "/models"):
             data = {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "glan"}]}
             return 200, {}, json.dumps(data).encode()
@@ -489,6 +653,8 @@ class FakeLLM:
             return 200, {}, json.dumps(self.stats()).encode()
         if method == "POST" and _CHAT_PATH.match(path):
             return await self._chat(path, headers, body)
+        if _FILES_PATH.match(path) or _BATCHES_PATH.match(path):
+            return self._batch_api(method, path, query, headers, body)
         return 404, {}, json.dumps({"error": {"message": f"no route {method} {path}"}}).encode()
 
     # -- chat completions -----------------------------------------------------------------------
@@ -506,8 +672,7 @@ class FakeLLM:
 
     @staticmethod
     def _error(status: int, message: str, kind: str, extra: dict[str, str] | None = None) -> Answer:
-        payload = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
-        return status, extra or {}, json.dumps(payload).encode()
+        return status, extra or {}, json.dumps(_error_body(message, kind)).encode()
 
     async def _chat(self, path: str, headers: dict[str, str], raw: bytes) -> Answer | None:
         """One chat completion: recorded, delayed, then a rule's error, a drawn fault (None: held open
@@ -632,18 +797,25 @@ class FakeLLM:
 
     def _completion(self, record: RecordedRequest, body: dict[str, Any], draw: _Draw, content: str,
                     finish: str, fault: str | None) -> Answer:
-        """The 200 answer: content cut at max_tokens, usage counted (a repeated prompt as cached)."""
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        content, finish, completion_tokens = _cap_tokens(content, finish, max_tokens)
-        prompt_tokens = max(1, len(draw.canonical) // 4)
-        cached = prompt_tokens if draw.seen else 0  # a repeat of a prompt (a retry) counts as cached, as OpenAI's cache would
-        self._finish(record, 200, fault, prompt_tokens, completion_tokens)
+        """The 200 answer, counted."""
+        payload = self._completion_body(body, draw, content, finish)
+        usage = payload["usage"]
+        self._finish(record, 200, fault, usage["prompt_tokens"], usage["completion_tokens"])
         with self._lock:
             # A second successful answer to the same messages: a client that retried a success.
             if draw.content_digest in self._answered:
                 self._stats["repeated_ok"] += 1
             self._answered.add(draw.content_digest)
-        payload = {
+        return 200, {}, json.dumps(payload, ensure_ascii=False).encode()
+
+    def _completion_body(self, body: dict[str, Any], draw: _Draw, content: str, finish: str) -> dict[str, Any]:
+        """The chat.completion object, online and in a batch's output line alike: content cut at
+        max_tokens, usage counted (a repeated prompt as cached)."""
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        content, finish, completion_tokens = _cap_tokens(content, finish, max_tokens)
+        prompt_tokens = max(1, len(draw.canonical) // 4)
+        cached = prompt_tokens if draw.seen else 0  # a repeat of a prompt (a retry) counts as cached, as OpenAI's cache would
+        return {
             "id": f"chatcmpl-{draw.content_digest.hex()[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -654,7 +826,241 @@ class FakeLLM:
                       "total_tokens": prompt_tokens + completion_tokens,
                       "prompt_tokens_details": {"cached_tokens": cached}},
         }
-        return 200, {}, json.dumps(payload, ensure_ascii=False).encode()
+
+    # -- batch API: files -------------------------------------------------------------------------
+
+    def _batch_api(self, method: str, path: str, query: str, headers: dict[str, str], raw: bytes) -> Answer:
+        """/v1/files and /v1/batches. No header is kept: the Authorization key is never stored."""
+        files = _FILES_PATH.match(path)
+        if files is not None:
+            file_id, content = files.groups()
+            if method == "POST" and file_id is None:
+                return self._upload(headers, raw)
+            if method == "GET" and file_id is not None:
+                return self._file_answer(file_id, content is not None)
+        batches = _BATCHES_PATH.match(path)
+        if batches is not None:
+            batch_id, cancel = batches.groups()
+            if method == "POST" and batch_id is None:
+                return self._create_batch(raw)
+            if method == "GET" and batch_id is None:
+                return self._list_batches(query)
+            if method == "GET" and cancel is None:
+                return self._batch_answer(batch_id)
+            if method == "POST" and cancel is not None:
+                return self._cancel_batch(batch_id)
+        return self._error(404, f"no route {method} {path}", "invalid_request_error")
+
+    def _new_id(self, prefix: str, what: str) -> str:
+        return f"{prefix}{hashlib.sha256(f'{self.seed}|{what}|{next(self._ids)}'.encode()).hexdigest()[:24]}"
+
+    def _upload(self, headers: dict[str, str], raw: bytes) -> Answer:
+        fields = _multipart(headers.get("content-type", ""), raw)
+        purpose = fields.get("purpose", (None, b""))[1].decode("utf-8", errors="replace")
+        if "file" not in fields:
+            return self._error(400, "Missing required parameter: 'file'.", "invalid_request_error")
+        if purpose != "batch":  # the only purpose this server serves
+            return self._error(400, f"purpose '{purpose}' is not supported here; use 'batch'.", "invalid_request_error")
+        filename, content = fields["file"]
+        if len(content) > self.batch_max_bytes:
+            return self._error(400, f"File is {len(content)} bytes; the limit is {self.batch_max_bytes}.",
+                               "invalid_request_error")
+        obj = self._store_file(filename or "upload.jsonl", content, "batch")
+        with self._lock:
+            self._stats["files_uploaded"] += 1
+        return 200, {}, json.dumps(obj).encode()
+
+    def _store_file(self, filename: str, content: bytes, purpose: str) -> dict[str, Any]:
+        obj = {"id": self._new_id("file-", "file"), "object": "file", "bytes": len(content),
+               "created_at": int(time.time()), "expires_at": None, "filename": filename, "purpose": purpose,
+               "status": "processed", "status_details": None}
+        with self._batch_lock:
+            self._files[obj["id"]] = (obj, content)
+        return obj
+
+    def _file_answer(self, file_id: str, content: bool) -> Answer:
+        with self._batch_lock:
+            stored = self._files.get(file_id)
+        if stored is None:
+            return self._error(404, f"No such File object: {file_id}", "invalid_request_error")
+        if content:
+            return 200, {"content-type": "application/octet-stream"}, stored[1]
+        return 200, {}, json.dumps(stored[0]).encode()
+
+    # -- batch API: batches -----------------------------------------------------------------------
+
+    def _create_batch(self, raw: bytes) -> Answer:
+        """A new batch, `validating`; its input is checked now and the faults to come are drawn now.
+        The call kind of its lines (the X-Glan-Call header online) is `metadata.glan_call`."""
+        try:
+            request = json.loads(raw or b"{}")
+        except ValueError:
+            request = None
+        if not isinstance(request, dict) or not isinstance(request.get("metadata") or {}, dict):
+            return self._error(400, "body must be a JSON object (metadata an object)", "invalid_request_error")
+        endpoint, file_id = request.get("endpoint"), request.get("input_file_id")
+        if endpoint not in _BATCH_ENDPOINTS:
+            return self._error(400, f"endpoint '{endpoint}' is not supported; use /v1/chat/completions.",
+                               "invalid_request_error")
+        if request.get("completion_window") != "24h":
+            return self._error(400, "completion_window must be '24h'.", "invalid_request_error")
+        with self._batch_lock:
+            stored = self._files.get(file_id)
+            if stored is None:
+                return self._error(404, f"No such File object: {file_id}", "invalid_request_error")
+            lines, errors = _parse_batch_input(stored[1], endpoint, self.batch_max_lines)
+            batch = self._new_batch(request, lines, errors)
+            self._batches[batch.obj["id"]] = batch
+            answer = json.dumps(batch.obj).encode()
+        with self._lock:
+            self._stats["batches"]["created"] += 1
+        return 200, {}, answer
+
+    def _new_batch(self, request: dict[str, Any], lines: list[dict[str, Any]], errors: list[dict[str, Any]]) -> _Batch:
+        """The batch object, with the whole-batch faults (fail, stuck) taken from their countdowns."""
+        now = time.time()
+        model = lines[0]["body"].get("model") if lines else None
+        if self.batch_fail_whole > 0 and not errors:
+            self.batch_fail_whole -= 1
+            errors = [{"code": "token_limit_exceeded", "param": None, "line": None,
+                       "message": f"Enqueued token limit reached for {model} in organization org-fake. "
+                                  "Please try again once some in_progress batches have been completed."}]
+        stuck = self.batch_stuck > 0
+        if stuck:
+            self.batch_stuck -= 1
+        metadata = request.get("metadata") or {}
+        obj = {"id": self._new_id("batch_", "batch"), "object": "batch", "endpoint": request["endpoint"],
+               "model": model, "errors": None, "input_file_id": request["input_file_id"], "completion_window": "24h",
+               "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": int(now),
+               "in_progress_at": None, "expires_at": int(now) + 86400, "finalizing_at": None, "completed_at": None,
+               "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+               "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata or None}
+        return _Batch(obj=obj, number=len(self._batches), lines=lines, errors=errors,
+                      kind=str(metadata.get("glan_call", "unknown")), processing_s=self.batch_processing_s,
+                      stuck=stuck, started=now)
+
+    def _batch_answer(self, batch_id: str) -> Answer:
+        with self._batch_lock:
+            batch = self._batches.get(batch_id)
+            if batch is None:
+                return self._error(404, f"No such Batch object: {batch_id}", "invalid_request_error")
+            self._advance(batch, time.time())
+            return 200, {}, json.dumps(batch.obj).encode()
+
+    def _list_batches(self, query: str) -> Answer:
+        """A cursor page, newest first, as OpenAI lists: `limit` (1-100, default 20) after `after`."""
+        params = urllib.parse.parse_qs(query)
+        try:
+            limit = min(100, max(1, int(params.get("limit", ["20"])[0])))
+        except ValueError:
+            return self._error(400, "limit must be an integer", "invalid_request_error")
+        after = params.get("after", [None])[0]
+        self._advance_batches()
+        with self._batch_lock:
+            ordered = sorted(self._batches.values(), key=lambda b: b.number, reverse=True)
+            ids = [b.obj["id"] for b in ordered]
+            start = ids.index(after) + 1 if after in ids else 0
+            page = [dict(b.obj) for b in ordered[start:start + limit]]
+        data = {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(ordered)}
+        return 200, {}, json.dumps(data).encode()
+
+    def _cancel_batch(self, batch_id: str) -> Answer:
+        """validating or in_progress -> cancelling (cancelled on the next look); a finished batch
+        cannot be cancelled."""
+        with self._batch_lock:
+            batch = self._batches.get(batch_id)
+            if batch is None:
+                return self._error(404, f"No such Batch object: {batch_id}", "invalid_request_error")
+            self._advance(batch, time.time())
+            obj = batch.obj
+            if obj["status"] in ("validating", "in_progress"):
+                obj.update(status="cancelling", cancelling_at=int(time.time()))
+            elif obj["status"] != "cancelling":
+                return self._error(400, f"Cannot cancel a batch with status '{obj['status']}'.",
+                                   "invalid_request_error")
+            return 200, {}, json.dumps(obj).encode()
+
+    # -- batch API: processing --------------------------------------------------------------------
+
+    def _advance_batches(self) -> None:
+        with self._batch_lock:
+            now = time.time()
+            for batch in self._batches.values():
+                self._advance(batch, now)
+
+    def _advance(self, batch: _Batch, now: float) -> None:
+        """Move a batch on as far as `now` allows: validating -> failed or in_progress; in_progress
+        -> completed or expired once its processing time is over (never when stuck); cancelling ->
+        cancelled."""
+        obj = batch.obj
+        if obj["status"] == "validating":
+            if batch.errors:
+                obj.update(status="failed", failed_at=int(now), errors={"object": "list", "data": batch.errors})
+                with self._lock:
+                    self._stats["batches"]["failed"] += 1
+                return
+            obj.update(status="in_progress", in_progress_at=int(now))
+            obj["request_counts"] = {"total": len(batch.lines), "completed": 0, "failed": 0}
+        if obj["status"] == "cancelling":
+            rows = [_line_row(hashlib.sha256(f"{obj['id']}|{line['custom_id']}".encode()).digest(), line["custom_id"],
+                            None, None, {"code": "batch_cancelled", "message": _CANCELLED_MESSAGE})
+                    for line in batch.lines]
+            self._end_batch(batch, now, "cancelled", [], rows, Counter(cancelled=len(rows)))
+        elif obj["status"] == "in_progress" and not batch.stuck and now >= batch.started + batch.processing_s:
+            self._run_batch(batch, now)
+
+    def _run_batch(self, batch: _Batch, now: float) -> None:
+        """Answer every line; the batch ends expired when any line expired (its other lines still
+        answered, as OpenAI does), else completed."""
+        outputs: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        counts: Counter[str] = Counter()
+        for line in batch.lines:
+            outcome, row = self._batch_line(batch, line, counts)
+            counts[outcome] += 1
+            (outputs if outcome == "completed" else failures).append(row)
+        self._end_batch(batch, now, "expired" if counts["expired"] else "completed", outputs, failures, counts)
+
+    def _batch_line(self, batch: _Batch, line: dict[str, Any], counts: Counter[str]) -> tuple[str, dict[str, Any]]:
+        """("completed" | "expired" | "failed", the output or error line). Content, rules and the
+        content faults (malformed, truncated) are the online path's; the draws advance with every
+        answer, so a resubmitted line draws afresh."""
+        body, custom_id = line["body"], line["custom_id"]
+        draw = self._draw(body, batch.kind, _messages_text(body))
+        digest = draw.fault_digest
+        if _u(digest, 6) < self.rate_batch_expired:
+            return "expired", _line_row(digest, custom_id, None, None, {"code": "batch_expired", "message": _EXPIRED_MESSAGE})
+        if draw.rule is not None and draw.rule.status != 200:
+            return "failed", _line_row(digest, custom_id, draw.rule.status,
+                                       _error_body(f"rule answered {draw.rule.status}", "rule_error"))
+        if _u(digest, 7) < self.rate_batch_line_failed:
+            return "failed", _line_row(digest, custom_id, 500,
+                                       _error_body("The server had an error processing your request (fake)", "server_error"))
+        content, finish, _fault = self._content(body, batch.kind, draw)
+        payload = self._completion_body(body, draw, content, finish)
+        counts["prompt_tokens"] += payload["usage"]["prompt_tokens"]
+        counts["completion_tokens"] += payload["usage"]["completion_tokens"]
+        with self._lock:
+            if draw.content_digest in self._answered:
+                counts["repeated_ok"] += 1
+            self._answered.add(draw.content_digest)
+        return "completed", _line_row(digest, custom_id, 200, payload)
+
+    def _end_batch(self, batch: _Batch, now: float, status: str, outputs: list[dict[str, Any]],
+                   failures: list[dict[str, Any]], counts: Counter[str]) -> None:
+        """The batch in its final status, with its output and error files (None when empty), counted."""
+        obj = batch.obj
+        stamp = {"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}[status]
+        obj.update(status=status, finalizing_at=int(now), **{stamp: int(now)})
+        obj["request_counts"] = {"total": len(batch.lines), "completed": len(outputs), "failed": len(failures)}
+        if outputs:
+            obj["output_file_id"] = self._store_file(f"{obj['id']}_output.jsonl", _jsonl(outputs), "batch_output")["id"]
+        if failures:
+            obj["error_file_id"] = self._store_file(f"{obj['id']}_error.jsonl", _jsonl(failures), "batch_output")["id"]
+        with self._lock:
+            self._stats["batches"][status] += 1
+            self._stats["batch_lines"].update(counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,6 +1081,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-hold-s", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-record", action="store_true", help="keep counters only, not every request")
+    parser.add_argument("--batch-processing-s", type=float, default=0.0, help="seconds before a batch completes")
+    parser.add_argument("--rate-batch-expired", type=float, default=0.0, help="share of batch lines expired")
+    parser.add_argument("--rate-batch-line-failed", type=float, default=0.0, help="share of batch lines failed")
+    parser.add_argument("--batch-fail-whole", type=int, default=0, help="the next N batches fail as a whole")
+    parser.add_argument("--batch-stuck", type=int, default=0, help="the next N batches stay in_progress")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -684,7 +1095,9 @@ def run(args: argparse.Namespace) -> int:
         rate_429=args.rate_429, rate_500=args.rate_500, rate_timeout=args.rate_timeout,
         rate_malformed=args.rate_malformed, rate_truncated=args.rate_truncated,
         retry_after_s=args.retry_after, timeout_hold_s=args.timeout_hold_s, seed=args.seed,
-        record=not args.no_record,
+        record=not args.no_record, batch_processing_s=args.batch_processing_s,
+        rate_batch_expired=args.rate_batch_expired, rate_batch_line_failed=args.rate_batch_line_failed,
+        batch_fail_whole=args.batch_fail_whole, batch_stuck=args.batch_stuck,
     )
 
     async def serve() -> None:
