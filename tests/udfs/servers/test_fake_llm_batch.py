@@ -231,3 +231,15 @@ def test_the_api_key_is_kept_nowhere(fake_llm):
     kept = [json.dumps(fake_llm.stats()), repr(fake_llm._batches), repr(fake_llm.requests)]
     kept += [repr(obj) + content.decode() for obj, content in fake_llm._files.values()]
     assert batch.error_file_id and not any(API_KEY in text or API_KEY[3:] in text for text in kept)
+
+
+def test_the_azure_client_runs_a_batch_on_the_same_routes(fake_llm):
+    azure = openai.AzureOpenAI(azure_endpoint=fake_llm.url.removesuffix("/v1"), api_key=API_KEY,
+                               api_version="2024-10-21", max_retries=0, timeout=10)
+    line = {"custom_id": "a", "method": "POST", "url": "/chat/completions", "body": chat_body(0, model="deployment")}
+    uploaded = azure.files.create(file=("in.jsonl", (json.dumps(line) + "\n").encode()), purpose="batch")
+    batch = azure.batches.create(input_file_id=uploaded.id, endpoint="/chat/completions", completion_window="24h")
+    done = azure.batches.retrieve(batch.id)
+    assert done.status == "completed"
+    output = rows(azure, done.output_file_id)["a"]["response"]["body"]
+    assert output["choices"][0]["message"]["content"] == online(make_client(fake_llm), chat_body(0), "unknown")[0]
