@@ -16,9 +16,12 @@ from jobs.errors import BudgetError, ConfigError
 
 @dataclass(frozen=True)
 class Price:
+    """USD per million tokens; `batch`: the provider's Batch API prices, when it has them."""
+
     input: float
     cached_input: float
     output: float
+    batch: Price | None = None
 
     def cost(self, prompt: int, cached: int, completion: int) -> float:
         return ((prompt - cached) * self.input + cached * self.cached_input + completion * self.output) / 1e6
@@ -30,10 +33,16 @@ def load_prices(path: str = "prices.yaml") -> tuple[dict[str, Price], dict[str, 
     prices = {}
     for model, values in (data.get("models") or {}).items():
         try:
+            batch = None
+            if "batch_input" in values or "batch_output" in values:
+                batch = Price(float(values["batch_input"]),
+                              float(values.get("batch_cached_input", values["batch_input"])),
+                              float(values["batch_output"]))
             prices[model] = Price(float(values["input"]), float(values.get("cached_input", values["input"])),
-                                  float(values["output"]))
+                                  float(values["output"]), batch)
         except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"{path}: models.{model} needs numbers input, output (and cached_input)") from None
+            raise ConfigError(f"{path}: models.{model} needs numbers input, output (and cached_input; batch_input "
+                              "and batch_output together)") from None
     return prices, data.get("estimate") or {}
 
 
@@ -60,15 +69,18 @@ def priced(rows: list[dict[str, Any]], prices: dict[str, Price]) -> list[dict[st
 def planned_cost(call: str, model: str, calls: int, assumptions: dict[str, Any],
                  prices: dict[str, Price]) -> dict[str, Any]:
     """Tokens and money of `calls` calls of prompt `call` on `model`, at the assumed tokens per call
-    (conf/prices.yaml `estimate:`). `usd` is None when the model has no price."""
+    (conf/prices.yaml `estimate:`): `usd` online, `usd_batch` at the model's Batch API prices. Each
+    is None when the model has no such price."""
     per_call = (assumptions.get("tokens") or {}).get(call) or {"prompt": 0, "completion": 0}
     prompt = calls * int(per_call.get("prompt", 0))
     completion = calls * int(per_call.get("completion", 0))
     cached = int(prompt * float((assumptions.get("cached_share") or {}).get(call, 0.0)))
     price = price_for(prices, model)
     cost = price.cost(prompt, cached, completion) if price else None
+    batch = price.batch.cost(prompt, cached, completion) if price and price.batch else None
     return {"call": call, "model": model, "calls": calls, "prompt_tokens": prompt, "cached_tokens": cached,
-            "completion_tokens": completion, "usd": None if cost is None else round(cost, 2)}
+            "completion_tokens": completion, "usd": None if cost is None else round(cost, 2),
+            "usd_batch": None if batch is None else round(batch, 2)}
 
 
 def spent_usd(usage: Sequence[dict[str, Any]], prices: dict[str, Price]) -> float:

@@ -6,7 +6,8 @@ import pytest
 
 from jobs.config.loader import load_config
 from jobs.pipeline.costs import estimate
-from jobs.pipeline.prices import Price, load_prices, price_for, priced
+from jobs.errors import ConfigError
+from jobs.pipeline.prices import Price, load_prices, planned_cost, price_for, priced
 
 
 def test_cost_of_recorded_usage_uses_input_cached_and_output_prices():
@@ -33,3 +34,16 @@ def test_estimate_follows_the_config_before_anything_is_spent():
     assert rows["answer"]["model"] == "gpt-4o-mini" and rows["answer"]["usd"] > 0
     question = assumptions["tokens"]["question"]
     assert rows["question"]["cached_tokens"] == int(subjects * 100 * question["prompt"] * 0.9)
+
+
+def test_batch_prices_are_read_and_price_the_same_calls(tmp_path):
+    prices, assumptions = load_prices()
+    assert prices["gpt-4o-mini"].batch == Price(0.075, 0.075, 0.30)
+    assert prices["mixtral-8x7b"].batch is None  # no Batch API price: no batch figure, not zero
+    row = planned_cost("answer", "gpt-4o-mini", 1000, assumptions, prices)
+    assert row["usd_batch"] == pytest.approx(row["usd"] / 2, abs=0.01)  # uncached: exactly half, rounded
+    assert planned_cost("answer", "mixtral-8x7b", 1000, assumptions, prices)["usd_batch"] is None
+    half = tmp_path / "prices.yaml"
+    half.write_text("models:\n  m: {input: 1, output: 2, batch_input: 0.5}\n")
+    with pytest.raises(ConfigError, match="batch_input and batch_output together"):
+        load_prices(str(half))
