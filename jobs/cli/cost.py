@@ -1,13 +1,7 @@
 """`glan cost`: tokens and money by stage and model, from the usage every LLM output row records,
 priced with `conf/prices.yaml`. `--estimate` projects calls, tokens and money from the config before
-anything is spent.
-
-Calls are counted where their usage is: the committed rows (`table` = the output table), calls that
-failed (`failed_calls`), results a run paid for and spooled but has not committed (`spool`), and
-calls that were sent but whose answers never came back because their run or task died (`in flight`,
-from the intents in the spool, or once the next run has recorded them, `failed_calls (in flight)`):
-possibly paid, with estimated prompt tokens and no completion tokens. `--disciplines` limits every
-figure to some disciplines.
+anything is spent. Where calls are counted (committed, failed, spooled, in flight): see
+jobs/pipeline/costs.py. `--disciplines` limits every figure to some disciplines.
 """
 
 from __future__ import annotations

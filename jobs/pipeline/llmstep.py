@@ -279,8 +279,9 @@ class _Step:
         return seed + F.col(self.call.seed).cast("long") if self.call.seed else seed
 
     def charge(self, results: DataFrame) -> None:
-        """Charge the budget with what a chunk's calls cost (failed ones too: they were paid)."""
-        if self.budget is None:
+        """Charge the budget with what a chunk's calls cost (failed ones too: they were paid). Without
+        a limit nothing is checked against the total, so the chunk is not summed."""
+        if self.budget is None or self.budget.limit_usd is None:
             return
         out = F.col(RESULT)
         for row in results.groupBy(out["model"].alias("model")).agg(

@@ -74,10 +74,12 @@ def _check_plan(ctx: StageContext, stage: Stage) -> None:
     plan = stage_plan(ctx, stage, budget.prices, budget.assumptions)
     calls = sum(row["calls"] for row in plan)
     cost = sum(row["usd"] or 0.0 for row in plan)
-    limit = "no limit" if budget.limit_usd is None else f"pipeline.max_usd {budget.limit_usd:g}"
+    # Without a limit the run root's spend is not read (it costs a pass over every LLM table).
+    limit = ("no spending limit" if budget.limit_usd is None
+             else f"spent so far ${budget.spent_usd:,.2f} (pipeline.max_usd {budget.limit_usd:g})")
     print(f"[{stage.name}] to ask: {calls:,} call(s) ("
           + ", ".join(f"{row['call']} {row['calls']:,}" for row in plan)
-          + f"), about ${cost:,.2f} at conf/prices.yaml; spent so far ${budget.spent_usd:,.2f} ({limit})",
+          + f"), about ${cost:,.2f} at conf/prices.yaml; {limit}",
           file=sys.stderr, flush=True)
     budget.check_start(stage.name, plan)
 
