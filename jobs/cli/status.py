@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from jobs.cli.args import add_config_args, config_from_args
 from jobs.cli.output import print_rows, spark_for
 from jobs.config.loader import GlanConfig
-from jobs.pipeline.costs import discipline_scope, usage_by_stage
+from jobs.pipeline.costs import calls_within, discipline_scope, usage_by_stage
 from jobs.pipeline.llmstep import TRUNCATED
 from jobs.pipeline.prices import load_prices, priced
 from jobs.pipeline.slices import split_names
@@ -65,9 +65,7 @@ def _count_by_stage(storage, name: str, scope, where=None) -> dict[str, int]:
     """Rows of `failures` or `failed_calls` per stage, within the scope's calls (and `where`)."""
     if not storage.exists(name):
         return {}
-    frame = storage.read(name)
-    if scope is not None:
-        frame = frame.join(scope.calls, ["stage", "row_key"], "left_semi")
+    frame = calls_within(storage.read(name), scope)
     if where is not None:
         frame = frame.filter(where)
     return {r["stage"]: r["n"] for r in frame.groupBy("stage").agg(F.count("*").alias("n")).collect()}

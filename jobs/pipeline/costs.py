@@ -41,6 +41,12 @@ class Scope:
     calls: DataFrame
 
 
+def calls_within(frame: DataFrame, scope: Scope | None) -> DataFrame:
+    """Rows of `failures` or `failed_calls` (keyed by stage and row_key) of the scope's calls; all
+    of them without a scope."""
+    return frame if scope is None else frame.join(scope.calls, ["stage", "row_key"], "left_semi")
+
+
 def discipline_scope(spark, cfg: GlanConfig, names: Sequence[str] | None,
                      declared: Sequence[Stage]) -> Scope | None:
     """`names`, else taxonomy.disciplines; None when neither is set (then every row counts, also rows
@@ -73,9 +79,7 @@ def usage_by_stage(spark, cfg: GlanConfig, scope: Scope | None = None, spool: Sp
             for r in _usage_sums(frame, "model"):
                 rows.append({"stage": stage, "table": name, **r.asDict()})
     if storage.exists("failed_calls"):  # calls that failed were paid for too
-        frame = storage.read("failed_calls")
-        if scope is not None:
-            frame = frame.join(scope.calls, ["stage", "row_key"], "left_semi")
+        frame = calls_within(storage.read("failed_calls"), scope)
         table = F.when(F.col("error_class") == IN_FLIGHT, "failed_calls (in flight)").otherwise("failed_calls")
         for r in _usage_sums(frame.withColumn("table", table), "stage", "table", "model"):
             rows.append(r.asDict())
