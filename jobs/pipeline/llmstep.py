@@ -262,12 +262,16 @@ class _Step:
                 self.budget.check_running(self.stage)  # committed first: the next run asks only for the rest
 
     def with_attempts(self, todo: DataFrame) -> DataFrame:
-        """`todo` with `_attempt`: how often each row was asked before (its rows in `failed_calls`)."""
+        """`todo` with `_attempt`: how often each row was answered and failed before (its rows in
+        `failed_calls`). Calls lost in flight at a kill do not count: no answer was seen, so the
+        resumed run draws them as the uninterrupted run would have, and a killed run ends with the
+        same rows as one never killed."""
         storage = get_storage(self.spark, self.cfg)
         if not storage.exists("failed_calls"):
             return todo.withColumn(_ATTEMPT, F.lit(0).cast("long"))
-        asked = (storage.read("failed_calls").filter(F.col("stage") == self.stage).groupBy("row_key")
-                 .agg(F.count("*").alias(_ATTEMPT)))
+        failed = storage.read("failed_calls").filter(F.col("stage") == self.stage)
+        answered = failed.filter(F.col("error_class") != IN_FLIGHT)
+        asked = answered.groupBy("row_key").agg(F.count("*").alias(_ATTEMPT))
         joined = todo.join(F.broadcast(asked), F.col(self.call.key).cast("string") == asked["row_key"], "left")
         return joined.drop("row_key").withColumn(_ATTEMPT, F.coalesce(F.col(_ATTEMPT), F.lit(0)).cast("long"))
 

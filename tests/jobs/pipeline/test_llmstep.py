@@ -3,11 +3,12 @@ raise: truncated outputs are never kept, so a low cap silently drops the longest
 
 from __future__ import annotations
 
-import pytest
-
 from dataclasses import replace
 
-from jobs.pipeline.llmstep import TRUNCATED, run_llm_step
+import pyarrow as pa
+import pytest
+
+from jobs.pipeline.llmstep import TRUNCATED, _record_in_flight, run_llm_step
 from jobs.storage.delta import get_storage
 from tests.jobs.pipeline.test_spool import TEST_CALL, _key, make_cfg, questions  # noqa: F401 - _key is an autouse fixture
 
@@ -63,3 +64,20 @@ def test_a_first_call_gets_the_same_seed_on_every_run(spark, fake_llm, tmp_path)
         run_llm_step(questions(spark, 2), TEST_CALL, stage="test", cfg=cfg)
         seeds.append(sorted(r.body["seed"] for r in fake_llm.requests))
     assert seeds[0] == seeds[1]
+
+
+def test_a_call_lost_in_flight_is_asked_again_with_its_first_seed(spark, fake_llm, tmp_path):
+    # A kill loses the calls in flight; they are on record (paid, maybe) but no answer was seen, so
+    # the resumed run draws them exactly as an uninterrupted run would: the same rows either way.
+    todo = questions(spark, 2)
+    reference = make_cfg(tmp_path / "reference", fake_llm.url)
+    run_llm_step(todo, TEST_CALL, stage="test", cfg=reference)
+    first = sorted(r.body["seed"] for r in fake_llm.requests)
+    cfg = make_cfg(tmp_path / "killed", fake_llm.url)
+    lost = pa.table({"row_key": ["q00", "q01"], "model": ["m", "m"], "prompt_name": ["answer"] * 2,
+                     "prompt_version": ["v"] * 2, "prompt_tokens": [10, 10], "_intent": ["i0", "i1"]})
+    _record_in_flight(spark, lost, "test", cfg.answers.llm, cfg)
+    fake_llm.reset()
+    run_llm_step(todo, TEST_CALL, stage="test", cfg=cfg)
+    assert sorted(r.body["seed"] for r in fake_llm.requests) == first
+    assert get_storage(spark, cfg).read("failed_calls").count() == 2  # still on record for glan cost
