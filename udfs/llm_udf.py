@@ -57,6 +57,8 @@ LLM_RESULT = StructType([
     StructField("seed", LongType()),
     StructField("prompt_name", StringType()),
     StructField("prompt_version", StringType()),
+    StructField("batch_id", StringType()),  # the provider's batch that answered; null online
+    StructField("billing", StringType()),  # online | batch: the price its tokens were paid at
 ])
 assert tuple(LLM_RESULT.fieldNames()) == RESULT_FIELDS
 

@@ -21,56 +21,37 @@ import sys
 import time
 from dataclasses import dataclass
 
-import pyarrow as pa
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from jobs.config.loader import GlanConfig
-from jobs.pipeline.keys import stable_id
+from jobs.pipeline.batch import call_mode, run_batch, settle
 from jobs.pipeline.prices import Budget
 from jobs.pipeline.progress import Progress
+from jobs.pipeline.results import (
+    RESULT,
+    TRUNCATED,
+    is_failure,
+    record_failed_usage,
+    record_in_flight,
+    update_failures,
+    usage_columns,
+)
 from jobs.pipeline.spool import IN_FLIGHT, Spool
 from jobs.pipeline.stage import LLMCall, StageContext
 from jobs.storage.delta import append_missing, get_storage
-from jobs.storage.tables import FAILURES
 from udfs.llm.config import StageLLMConfig
 from udfs.llm.prompts import load_prompt
 from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf
 
 log = logging.getLogger(__name__)
 
-RESULT = "_out"
-TRUNCATED = "truncated"  # the error class of a call whose output hit max_tokens (udfs/llm/client.py)
+__all__ = ["RESULT", "TRUNCATED", "StepResult", "ask", "run_llm_step", "usage_columns"]  # stages import these here
+
 _CHUNK = "_chunk"
 _ATTEMPT = "_attempt"
 _SALT = "_salt"
-
-
-def usage_columns(stage_llm: StageLLMConfig) -> list[Column]:
-    """The tables.USAGE_FIELDS of one call, from its result struct and the stage's settings."""
-    out = F.col(RESULT)
-    return [
-        out["model"].alias("model"),
-        out["prompt_name"].alias("prompt_name"),
-        out["prompt_version"].alias("prompt_version"),
-        F.lit(float(stage_llm.temperature)).alias("temperature"),
-        F.lit(float(stage_llm.top_p)).alias("top_p"),
-        out["prompt_tokens"].alias("prompt_tokens"),
-        out["completion_tokens"].alias("completion_tokens"),
-        out["cached_tokens"].alias("cached_tokens"),
-        out["latency_s"].alias("latency_s"),
-        out["attempts"].alias("attempts"),
-        F.current_timestamp().alias("created_at"),
-        out["seed"].alias("seed"),
-    ]
-
-
-def _is_failure(out: Column) -> Column:
-    """A call failed when the client says so, or when a free-text answer is empty: an empty row
-    written as a success would never be asked again."""
-    empty_text = out["parsed"].isNull() & (F.coalesce(F.length(F.trim(out["text"])), F.lit(0)) == 0)
-    return out["error_class"].isNotNull() | empty_text
 
 
 @dataclass
@@ -81,12 +62,16 @@ class StepResult:
     recovered: int = 0  # calls paid by an interrupted run, committed from its spool
     truncated: int = 0  # failures whose output hit max_tokens
     seconds: float = 0.0
+    in_flight: int = 0  # batch mode: requests in the provider's batches when the step ended
+    batches: int = 0  # batch mode: those batches
 
     def figures(self, prefix: str) -> dict[str, int | float]:
         figures = {f"{prefix}_todo": self.rows_in, f"{prefix}_written": self.rows_written,
                    f"{prefix}_failed": self.failures}
         if self.recovered:
             figures[f"{prefix}_recovered"] = self.recovered
+        if self.in_flight:
+            figures[f"{prefix}_in_flight"] = self.in_flight
         return figures
 
 
@@ -118,7 +103,8 @@ def run_llm_step(todo: DataFrame, call: LLMCall, *, stage: str, cfg: GlanConfig,
     Rows whose call failed go to `failures` (stage, key); rows that succeed leave it. `scope` (rows
     with `discipline_id`) is the run's slice of the taxonomy: spooled results of dead runs are
     committed only for those disciplines (None: all). `budget`: every chunk's calls are charged to
-    it, and the step stops after a commit once it is spent (BudgetError).
+    it, and the step stops after a commit once it is spent (BudgetError). In batch mode
+    (`llm.mode`, or the call's own) the rows go to the provider's Batch API (jobs.pipeline.batch).
     """
     started = time.monotonic()
     step = _Step(todo.sparkSession, call, stage, cfg, progress or Progress(), StepResult(),
@@ -129,10 +115,15 @@ def run_llm_step(todo: DataFrame, call: LLMCall, *, stage: str, cfg: GlanConfig,
     try:
         for orphan in spool.orphans():
             todo = step.recover(spool, orphan, todo, ids)
-        rows = todo.count()
-        step.result.rows_in = rows + step.result.recovered
-        if rows:
-            step.run_chunks(todo, rows, spool)
+        step.result.rows_in = step.result.recovered
+        if call_mode(step) == "batch":
+            run_batch(step, todo, ids)
+        else:
+            todo = settle(step, todo, ids)  # what an earlier batch-mode run sent is collected, never asked again
+            rows = todo.count()
+            step.result.rows_in += rows
+            if rows:
+                step.run_chunks(todo, rows, spool)
     finally:
         spool.close()
     step.result.seconds = time.monotonic() - started
@@ -173,7 +164,7 @@ class _Step:
 
     def commit(self, called: DataFrame) -> None:
         """Successes to the output table, failures to `failures`, from rows that hold their results."""
-        failed_now = _is_failure(F.col(RESULT))
+        failed_now = is_failure(F.col(RESULT))
         ok = called.filter(~failed_now)
         failed = called.filter(failed_now).withColumn(RESULT, F.col(RESULT).withField(
             "error_class", F.coalesce(F.col(RESULT)["error_class"], F.lit("empty"))).withField(
@@ -181,11 +172,11 @@ class _Step:
         written = append_missing(self.call.to_output(ok, self.llm), self.call.output, self.call.output_key, self.cfg)
         self.result.rows_written += written.rows_written
         self.progress.rows_written(self.result.rows_written)
-        new_failures = _update_failures(self.spark, self.stage, self.call.key, called, failed, self.cfg)
+        new_failures = update_failures(self.spark, self.stage, self.call.key, called, failed, self.cfg)
         self.result.failures += len(new_failures)
         self.result.truncated += sum(row["error_class"] == TRUNCATED for row in new_failures)
         if new_failures:
-            _record_failed_usage(failed, self.stage, self.call.key, self.llm, self.cfg)
+            record_failed_usage(failed, self.stage, self.call.key, self.llm, self.cfg)
 
     def recover(self, spool: Spool, orphan, todo: DataFrame, ids: list[str] | None) -> DataFrame:
         """Finish what a dead run of this step left in its spool; returns the rows still to do.
@@ -196,13 +187,13 @@ class _Step:
         key = self.call.key
         lost = spool.orphan_unanswered(orphan)
         if lost is not None:  # sent when the run died, answers never spooled: on record before the intents go
-            _record_in_flight(self.spark, lost, self.stage, self.llm, self.cfg)
+            record_in_flight(self.spark, lost, self.stage, self.llm, self.cfg)
             log.warning("%s: %d LLM calls were in flight when a run stopped (%s); recorded in failed_calls "
                         "as possibly paid, their rows are asked again", self.stage, lost.num_rows, orphan.uri)
         if not orphan.files:  # it died before any task finished
             spool.keep_only(orphan, None)
             return todo
-        spooled = spool.read(orphan.files, self.spooled_schema, key, _is_failure(F.col(RESULT)), folder=orphan.uri)
+        spooled = spool.read(orphan.files, self.spooled_schema, key, is_failure(F.col(RESULT)), folder=orphan.uri)
         if ids is not None:
             in_scope = F.col("discipline_id").isin(ids)
             mine, others = spooled.filter(in_scope), spooled.filter(~in_scope)
@@ -217,7 +208,7 @@ class _Step:
         outdated = still_todo.filter(~current).withColumn(RESULT, F.col(RESULT).withField(
             "error_class", F.lit("outdated_prompt")))
         if outdated.limit(1).count():
-            _record_failed_usage(outdated, self.stage, key, self.llm, self.cfg)
+            record_failed_usage(outdated, self.stage, key, self.llm, self.cfg)
         spool.keep_only(orphan, others)
         self.result.recovered += len(keys)
         log.warning("%s: committed %d LLM results that an interrupted run had paid for (%s)",
@@ -249,12 +240,12 @@ class _Step:
             called = part.withColumn(RESULT, ask_llm(*call.inputs, *constants, seed=self.seed(),
                                                      note=list(dict.fromkeys([key, "discipline_id"]))))
             files = spool.write(called.select(*self.spooled_schema.fieldNames()), intents)
-            results = spool.read(files, self.spooled_schema, key, _is_failure(F.col(RESULT)))
+            results = spool.read(files, self.spooled_schema, key, is_failure(F.col(RESULT)))
             self.commit(results)
             self.charge(results)
             retried = spool.unanswered(intents, files)
             if retried is not None:  # task attempts that sent calls and died before spooling; Spark ran them again
-                _record_in_flight(self.spark, retried, self.stage, self.llm, cfg)
+                record_in_flight(self.spark, retried, self.stage, self.llm, cfg)
             spool.remove(files, intents=intents)
             log.info("%s: chunk %d/%d committed (%d rows so far)", self.stage, index + 1, chunks,
                      self.result.rows_written)
@@ -293,60 +284,3 @@ class _Step:
                 F.coalesce(F.sum(out["cached_tokens"]), F.lit(0)).alias("cached"),
                 F.coalesce(F.sum(out["completion_tokens"]), F.lit(0)).alias("completion")).collect():
             self.budget.charge(row["model"], row["prompt"], row["cached"], row["completion"])
-
-
-def _record_failed_usage(failed: DataFrame, stage: str, key: str, stage_llm: StageLLMConfig, cfg: GlanConfig) -> None:
-    """Append the usage of failed calls to `failed_calls`. The id comes from the call's own result,
-    so committing the same spooled rows again (after a kill) adds nothing."""
-    out = F.col(RESULT)
-    call_id = stable_id(F.lit(stage), F.col(key), out["prompt_version"], out["error_class"],
-                        out["error_message"], out["latency_s"], out["prompt_tokens"], out["completion_tokens"])
-    append_missing(failed.select(call_id.alias("call_id"), F.lit(stage).alias("stage"),
-                                 F.col(key).cast("string").alias("row_key"), out["error_class"].alias("error_class"),
-                                 *usage_columns(stage_llm)), "failed_calls", "call_id", cfg)
-
-
-def _record_in_flight(spark, lost: pa.Table, stage: str, stage_llm: StageLLMConfig, cfg: GlanConfig) -> None:
-    """Append to `failed_calls` the calls that were sent but whose answers never came back (rows of
-    `Spool.unanswered`): possibly paid, prompt tokens estimated, completion tokens unknown (null).
-    The id comes from the intent file, so recording the same intents again adds nothing."""
-    rows = [(r["row_key"], r["model"], r["prompt_name"], r["prompt_version"], r["prompt_tokens"], r["_intent"])
-            for r in lost.to_pylist()]
-    frame = spark.createDataFrame(rows, "row_key string, model string, prompt_name string, prompt_version string, "
-                                        "prompt_tokens long, _intent string")
-    append_missing(frame.select(
-        stable_id(F.lit(stage), "row_key", F.lit(IN_FLIGHT), "_intent").alias("call_id"),
-        F.lit(stage).alias("stage"), "row_key", F.lit(IN_FLIGHT).alias("error_class"),
-        "model", "prompt_name", "prompt_version",
-        F.lit(float(stage_llm.temperature)).alias("temperature"), F.lit(float(stage_llm.top_p)).alias("top_p"),
-        "prompt_tokens", F.lit(None).cast("long").alias("completion_tokens"),
-        F.lit(None).cast("long").alias("cached_tokens"), F.lit(None).cast("double").alias("latency_s"),
-        F.lit(1).alias("attempts"), F.current_timestamp().alias("created_at"),
-        F.lit(None).cast("long").alias("seed"),
-    ), "failed_calls", "call_id", cfg)
-
-
-def _update_failures(spark, stage: str, key: str, called: DataFrame, failed: DataFrame, cfg: GlanConfig) -> list:
-    """Replace this stage's failures for the keys just called: failed ones in, succeeded ones out.
-    Only those keys' rows are rewritten, so runs of other slices update theirs at the same time."""
-    storage = get_storage(spark, cfg)
-    failure_id = stable_id(F.lit(stage), F.col(key))
-    new = failed.select(
-        failure_id.alias("failure_id"),
-        F.lit(stage).alias("stage"),
-        F.col(key).cast("string").alias("row_key"),
-        F.col(RESULT)["error_class"].alias("error_class"),
-        F.col(RESULT)["error_message"].alias("error_message"),
-        F.col(RESULT)["attempts"].alias("attempts"),
-        F.current_timestamp().alias("failed_at"),
-    ).collect()
-    ids = called.select(failure_id.alias("failure_id")).distinct()
-    if not new and (not storage.exists("failures")
-                    or not storage.read("failures").join(F.broadcast(ids), "failure_id", "left_semi").limit(1).count()):
-        return []
-    storage.replace(spark.createDataFrame([tuple(r) for r in new], FAILURES.schema), "failures", "failure_id",
-                    [r[0] for r in ids.collect()])
-    for row in new[:5]:
-        log.warning("%s: %s failed: %s: %s", stage, row["row_key"], row["error_class"],
-                    (row["error_message"] or "")[:200])
-    return new

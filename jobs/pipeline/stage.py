@@ -30,7 +30,7 @@ from jobs.storage.tables import spec_for
 from udfs.llm.config import StageLLMConfig
 
 # Tables every LLM call writes through the LLM step, whichever stage it belongs to.
-LEDGERS = ("failures", "failed_calls")
+LEDGERS = ("failures", "failed_calls", "llm_batches", "llm_batch_keys")
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,8 @@ USAGE_FIELDS = (
     ("attempts", T.IntegerType()),
     ("created_at", T.TimestampType()),
     ("seed", T.LongType()),  # the sampling seed sent: from the row key and its attempt (null: none sent)
+    ("batch_id", T.StringType()),  # the provider's batch that answered (null: asked online)
+    ("billing", T.StringType()),  # online | batch: the price its tokens were paid at (null: online)
 )
 STRINGS = T.ArrayType(T.StringType())
 
@@ -175,6 +177,52 @@ FAILED_CALLS = register(TableSpec(
     ),
     key=("call_id",),
     description="usage of every LLM call that ended in `failures` (append-only ledger)",
+))
+
+# --- batch mode (llm.mode: batch): the provider's batches, and which row keys each holds ---
+
+LLM_BATCHES = register(TableSpec(
+    name="llm_batches",
+    schema=_schema(
+        ("submission_id", T.StringType()),  # ours, written down before the provider's batch exists
+        ("stage", T.StringType()),
+        ("prompt_name", T.StringType()),
+        ("output_table", T.StringType()),
+        ("model", T.StringType()),
+        ("round", T.IntegerType()),  # 0: first submission of its keys; n: their n-th resubmission
+        ("state", T.StringType()),  # pending (keys chosen) | submitted (batch created) | collected
+        ("batch_id", T.StringType()),
+        ("input_file_id", T.StringType()),
+        ("status", T.StringType()),  # the provider's: validating, in_progress, ..., completed, failed, expired, cancelled
+        ("num_requests", T.LongType()),
+        ("num_bytes", T.LongType()),
+        ("request_uri", T.StringType()),  # the request file (JSONL) as it was uploaded
+        ("num_completed", T.LongType()),  # the provider's request counts
+        ("num_failed", T.LongType()),
+        ("disciplines", STRINGS),
+        ("created_at", T.TimestampType()),
+        ("submitted_at", T.TimestampType()),
+        ("ended_at", T.TimestampType()),
+        ("collected_at", T.TimestampType()),
+        ("output_file_id", T.StringType()),
+        ("error_file_id", T.StringType()),
+        ("error_message", T.StringType()),  # the provider's, for a batch that failed as a whole
+        ("rows_written", T.LongType()),  # answers committed to the output table
+        ("rows_failed", T.LongType()),  # rows sent to `failures` (answers that failed the checks, and
+                                        # requests unanswered after llm.batch.max_resubmits)
+        ("rows_resubmitted", T.LongType()),  # unanswered requests put in the next round's submission
+    ),
+    key=("submission_id",),
+    description="batch mode's ledger: one row per request file and provider batch, from before it is created to "
+                "its collection; a key in a batch not yet collected is never sent again",
+))
+
+LLM_BATCH_KEYS = register(TableSpec(
+    name="llm_batch_keys",
+    schema=_schema(("submission_id", T.StringType()), ("stage", T.StringType()), ("row_key", T.StringType()),
+                   ("discipline_id", T.StringType()), ("seed", T.LongType())),
+    key=("submission_id", "row_key"),
+    description="the row keys (custom_id) of each llm_batches submission, with the seed each request sends",
 ))
 
 # --- decontamination tables (benchmark_items, contamination, instructions) ---

@@ -58,6 +58,8 @@ RESULT_FIELDS: tuple[str, ...] = (
     "seed",
     "prompt_name",
     "prompt_version",
+    "batch_id",  # the provider's batch that answered (null: online)
+    "billing",  # online | batch: the price the row's tokens were paid at
 )
 
 ERROR_CLASSES = (
@@ -197,13 +199,19 @@ def error_class_of(exc: BaseException) -> str:
     if isinstance(exc, openai.APIConnectionError):
         return "connection"
     if isinstance(exc, openai.APIStatusError):
-        code = exc.status_code
-        if code == 429:
-            return "rate_limited"
-        if code >= 500:
-            return "server_error"
-        return {400: "bad_request", 401: "auth", 403: "auth", 404: "not_found"}.get(code, "http_4xx")
+        return status_class(exc.status_code)
     return "internal"
+
+
+def status_class(code: int | None) -> str:
+    """The error class of an HTTP status that is not 200 (None: no status at all)."""
+    if code is None:
+        return "internal"
+    if code == 429:
+        return "rate_limited"
+    if code >= 500:
+        return "server_error"
+    return {400: "bad_request", 401: "auth", 403: "auth", 404: "not_found"}.get(code, "http_4xx")
 
 
 def error_message_of(exc: BaseException) -> str:
@@ -275,6 +283,66 @@ def estimate_prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
 def _estimate_tokens(messages: Sequence[dict[str, str]], max_tokens: int) -> int:
     # OpenAI counts max_tokens against the TPM limit up front.
     return estimate_prompt_tokens(messages) + max_tokens
+
+
+def request_seed(llm: LLMConfig, stage: StageLLMConfig, row_seed: int | None) -> int | None:
+    """The seed a request sends: the stage's plus the row's (None: none sent)."""
+    if not llm.send_seed or (stage.seed is None and row_seed is None):
+        return None
+    return (stage.seed or 0) + (row_seed or 0)
+
+
+def chat_body(llm: LLMConfig, spec: CallSpec, call: str, messages: list[dict[str, str]], seed: int | None,
+              temperature: float | None = None) -> dict[str, Any]:
+    """The body of one chat completion request, online and in a batch's request file alike."""
+    stage = spec.stage
+    body: dict[str, Any] = {
+        "model": stage.model,
+        "messages": messages,
+        "temperature": stage.temperature if temperature is None else temperature,
+        "top_p": stage.top_p,
+        "max_tokens": stage.max_tokens,
+    }
+    if seed is not None:
+        body["seed"] = seed
+    if spec.schema is not None and llm.json_schema_mode:
+        body["response_format"] = _response_format(llm, call, spec.schema)
+    if llm.endpoint == "embedded":
+        body["repeat_penalty"] = llm.embedded.repeat_penalty  # llama.cpp's sampling extension
+    return body
+
+
+def _take_completion(response: ChatCompletion, state: _RowState) -> _Completion:
+    """The answer of a chat completion, its usage added to the row's."""
+    usage = response.usage
+    if usage is not None:
+        state.prompt_tokens += usage.prompt_tokens or 0
+        state.completion_tokens += usage.completion_tokens or 0
+        details = getattr(usage, "prompt_tokens_details", None)
+        state.cached_tokens += (getattr(details, "cached_tokens", None) or 0) if details else 0
+    state.model = response.model or state.model
+    choice = response.choices[0] if response.choices else None
+    finish = choice.finish_reason if choice is not None else None
+    state.finish_reason = finish
+    text = choice.message.content if choice is not None and choice.message is not None else None
+    return _Completion(text=text, finish_reason=finish)
+
+
+def _read_completion(body: dict[str, Any], state: _RowState) -> _Completion:
+    return _take_completion(ChatCompletion.model_validate(body), state)
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """One line of a batch's output file: the provider's HTTP status and chat completion body (or
+    its error message), with the seed that was sent and the batch it came from."""
+
+    status_code: int | None
+    body: dict[str, Any] | None
+    message: str | None
+    seed: int | None
+    batch_id: str
+    latency_s: float
 
 
 class LLMClient:
@@ -359,22 +427,18 @@ class LLMClient:
             seed = self._seed(spec.stage, request.seed)
             completion = await self._complete(spec.call, request.messages, spec, seed, state)
             text = completion.text
-            if completion.finish_reason == "length":
-                raise _CallFailed("truncated", f"output hit max_tokens={spec.stage.max_tokens} (finish_reason=length)")
-            if spec.schema is None:
-                if not (text or "").strip():
-                    raise _CallFailed("empty_output", "the model returned no text")
-            else:
-                value, problem = parse_output(text, spec.schema)
-                if problem:
-                    text, value = await self._repair(spec, text, problem, seed, state)
-                    repaired = True
-                parsed = json.dumps(value, ensure_ascii=False)
+            text, parsed, repaired = await self._validated(spec, completion, seed, state)
         except _CallFailed as exc:
             error_class, error_message = exc.error_class, exc.message
         except Exception as exc:  # one bad row must never take its batch down
             error_class = error_class_of(exc)
             error_message = error_message_of(exc)
+        return self._result(spec, state, text, parsed, error_class, error_message, repaired,
+                            time.monotonic() - started, seed)
+
+    def _result(self, spec: CallSpec, state: _RowState, text: str | None, parsed: str | None,
+                error_class: str | None, error_message: str | None, repaired: bool, latency_s: float,
+                seed: int | None, batch_id: str | None = None) -> dict[str, Any]:
         return {
             "text": self.redact(text),
             "parsed": parsed,
@@ -385,18 +449,66 @@ class LLMClient:
             "prompt_tokens": state.prompt_tokens,
             "completion_tokens": state.completion_tokens,
             "cached_tokens": state.cached_tokens,
-            "latency_s": time.monotonic() - started,
+            "latency_s": latency_s,
             "model": state.model,
             "finish_reason": state.finish_reason,
             "seed": seed,
             "prompt_name": spec.prompt.name,
             "prompt_version": spec.prompt.version,
+            "batch_id": batch_id,
+            # A batch answer repaired online was partly paid at the online price: priced online, whole.
+            "billing": "batch" if batch_id is not None and not repaired else "online",
         }
 
+    async def _validated(self, spec: CallSpec, completion: _Completion, seed: int | None,
+                         state: _RowState) -> tuple[str | None, str | None, bool]:
+        """(text, parsed JSON, repaired) of a complete answer, else _CallFailed: an output cut at
+        max_tokens is never complete; a structured one must match its schema, after one repair call."""
+        text, parsed, repaired = completion.text, None, False
+        if completion.finish_reason == "length":
+            raise _CallFailed("truncated", f"output hit max_tokens={spec.stage.max_tokens} (finish_reason=length)")
+        if spec.schema is None:
+            if not (text or "").strip():
+                raise _CallFailed("empty_output", "the model returned no text")
+        else:
+            value, problem = parse_output(text, spec.schema)
+            if problem:
+                text, value = await self._repair(spec, text, problem, seed, state)
+                repaired = True
+            parsed = json.dumps(value, ensure_ascii=False)
+        return text, parsed, repaired
+
+    # -- answers that came from a batch ---------------------------------------------------------
+
+    def finish(self, spec: CallSpec, answers: Sequence[BatchAnswer]) -> list[dict[str, Any]]:
+        """Results of answers a provider's batch returned, checked exactly as online answers are
+        (truncation, empty text, JSON schema with one repair call, sent online), in input order."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(self._finish_all(spec, answers))
+
+    async def _finish_all(self, spec: CallSpec, answers: Sequence[BatchAnswer]) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self._finish_one(spec, a) for a in answers)))
+
+    async def _finish_one(self, spec: CallSpec, answer: BatchAnswer) -> dict[str, Any]:
+        state = _RowState(attempts=1)
+        text = parsed = error_class = error_message = None
+        repaired = False
+        try:
+            if answer.status_code != 200 or answer.body is None:
+                raise _CallFailed(status_class(answer.status_code), answer.message or "no answer")
+            completion = _read_completion(answer.body, state)
+            text = completion.text
+            text, parsed, repaired = await self._validated(spec, completion, answer.seed, state)
+        except _CallFailed as exc:
+            error_class, error_message = exc.error_class, exc.message
+        except Exception as exc:  # one bad line must never take its batch down
+            error_class, error_message = error_class_of(exc), error_message_of(exc)
+        return self._result(spec, state, text, parsed, error_class, error_message, repaired, answer.latency_s,
+                            answer.seed, answer.batch_id)
+
     def _seed(self, stage: StageLLMConfig, row_seed: int | None) -> int | None:
-        if not self.llm.send_seed or (stage.seed is None and row_seed is None):
-            return None
-        return (stage.seed or 0) + (row_seed or 0)
+        return request_seed(self.llm, stage, row_seed)
 
     async def _repair(
         self, spec: CallSpec, broken: str | None, problem: str, seed: int | None, state: _RowState
@@ -425,21 +537,8 @@ class LLMClient:
         state: _RowState,
         temperature: float | None = None,
     ) -> _Completion:
-        stage = spec.stage
-        body: dict[str, Any] = {
-            "model": stage.model,
-            "messages": messages,
-            "temperature": stage.temperature if temperature is None else temperature,
-            "top_p": stage.top_p,
-            "max_tokens": stage.max_tokens,
-        }
-        if seed is not None:
-            body["seed"] = seed
-        if spec.schema is not None and self.llm.json_schema_mode:
-            body["response_format"] = _response_format(self.llm, call, spec.schema)
-        if self.llm.endpoint == "embedded":
-            body["repeat_penalty"] = self.llm.embedded.repeat_penalty  # llama.cpp's sampling extension
-        estimate = _estimate_tokens(messages, stage.max_tokens)
+        body = chat_body(self.llm, spec, call, messages, seed, temperature)
+        estimate = _estimate_tokens(messages, spec.stage.max_tokens)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.llm.max_attempts),
             wait=self._wait,
@@ -482,21 +581,11 @@ class LLMClient:
         finally:
             self.limiter.release()
         usage = response.usage
-        used = 0
-        if usage is not None:
-            state.prompt_tokens += usage.prompt_tokens or 0
-            state.completion_tokens += usage.completion_tokens or 0
-            details = getattr(usage, "prompt_tokens_details", None)
-            state.cached_tokens += (getattr(details, "cached_tokens", None) or 0) if details else 0
-            used = (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
         if self.tpm is not None and usage is not None:
+            used = (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
             if used <= estimate:
                 self.tpm.refund(estimate - used)
             else:
                 self.tpm.charge(used - estimate)
-        state.model = response.model or body["model"]
-        choice = response.choices[0] if response.choices else None
-        finish = choice.finish_reason if choice is not None else None
-        state.finish_reason = finish
-        text = choice.message.content if choice is not None and choice.message is not None else None
-        return _Completion(text=text, finish_reason=finish)
+        state.model = body["model"]
+        return _take_completion(response, state)

@@ -31,6 +31,26 @@ class EmbeddedEndpointConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """The provider's Batch API (`mode: batch`): request files cut at its limits, how long `glan run`
+    waits for its batches, and how often an unanswered request is sent again."""
+
+    max_requests_per_file: int = 50_000  # OpenAI's limit per input file
+    max_bytes_per_file: int = 200_000_000  # OpenAI's 200 MB per file
+    completion_window: str = "24h"  # the only window OpenAI and Azure offer
+    wait_s: float = 0.0  # glan run waits this long for its batches; then it exits 0 and a rerun collects
+    poll_s: float = 30.0  # between two looks at the batches while waiting
+    max_resubmits: int = 1  # expired, cancelled or failed requests (or a whole failed batch) are sent again this often
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "max_requests_per_file")
+        require(self, "max_bytes_per_file", self.max_bytes_per_file >= 4096, "is below 4096")
+        require(self, "wait_s", self.wait_s >= 0, "is negative")
+        positive(self, "poll_s")
+        at_least(self, 0, "max_resubmits")
+
+
+@dataclass(frozen=True)
 class LLMConfig:
     """Where calls go and how hard they may push. The key is read from the environment variable
     named by `api_key_env` at call time and is never stored in config, tables or logs."""
@@ -54,6 +74,10 @@ class LLMConfig:
     send_seed: bool = True
     default_headers: dict[str, str] = field(default_factory=dict)
     embedded: EmbeddedEndpointConfig = field(default_factory=EmbeddedEndpointConfig)
+    # online: one request per row as the stage runs; batch: the provider's Batch API (half the price,
+    # answers within its window). A stage's `<stage>.llm.mode` overrides this for its call.
+    mode: Literal["online", "batch"] = "online"
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
         positive(self, "timeout_s")
@@ -64,6 +88,11 @@ class LLMConfig:
         positive(self, "requests_per_minute", "tokens_per_minute", optional=True, note=" or null")
         if self.endpoint == "azure" and not self.api_version:
             raise SettingError("api_version", "api_version is required when endpoint is azure")
+        require(self, "mode", self.mode in ("online", "batch"), "must be online or batch")
+
+    def mode_of(self, stage: StageLLMConfig) -> str:
+        """The mode a call runs in: its own `mode`, else this one. The embedded server has no Batch API."""
+        return "online" if self.endpoint == "embedded" else (stage.mode or self.mode)
 
 
 @dataclass(frozen=True)
@@ -75,9 +104,11 @@ class StageLLMConfig:
     top_p: float = 0.95
     max_tokens: int = 2048
     seed: int | None = None
+    mode: Literal["online", "batch"] | None = None  # None: llm.mode
 
     def __post_init__(self) -> None:
         require(self, "temperature", 0.0 <= self.temperature <= 2.0, "is outside [0, 2]")
         require(self, "top_p", 0.0 < self.top_p <= 1.0, "is outside (0, 1]")
         at_least(self, 1, "max_tokens")
         at_least(self, 0, "seed", optional=True, note=" or null")
+        require(self, "mode", self.mode in (None, "online", "batch"), "must be online, batch or null")

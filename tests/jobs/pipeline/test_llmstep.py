@@ -8,7 +8,8 @@ from dataclasses import replace
 import pyarrow as pa
 import pytest
 
-from jobs.pipeline.llmstep import TRUNCATED, _record_in_flight, run_llm_step
+from jobs.pipeline.llmstep import TRUNCATED, run_llm_step
+from jobs.pipeline.results import record_in_flight
 from jobs.storage.delta import get_storage
 from tests.jobs.pipeline.test_spool import TEST_CALL, _key, make_cfg, questions  # noqa: F401 - _key is an autouse fixture
 
@@ -76,7 +77,7 @@ def test_a_call_lost_in_flight_is_asked_again_with_its_first_seed(spark, fake_ll
     cfg = make_cfg(tmp_path / "killed", fake_llm.url)
     lost = pa.table({"row_key": ["q00", "q01"], "model": ["m", "m"], "prompt_name": ["answer"] * 2,
                      "prompt_version": ["v"] * 2, "prompt_tokens": [10, 10], "_intent": ["i0", "i1"]})
-    _record_in_flight(spark, lost, "test", cfg.answers.llm, cfg)
+    record_in_flight(spark, lost, "test", cfg.answers.llm, cfg)
     fake_llm.reset()
     run_llm_step(todo, TEST_CALL, stage="test", cfg=cfg)
     assert sorted(r.body["seed"] for r in fake_llm.requests) == first

@@ -18,7 +18,8 @@ from pyspark.sql import functions as F
 
 from jobs.config.loader import load_config
 from jobs.errors import GlanError
-from jobs.pipeline.llmstep import RESULT, _is_failure, run_llm_step
+from jobs.pipeline.llmstep import RESULT, run_llm_step
+from jobs.pipeline.results import is_failure
 from jobs.pipeline.stage import LLMCall
 from jobs.pipeline.spool import Spool, spool_by_stage
 from jobs.storage.owners import HEARTBEATS, OWNER, owner_is_dead
@@ -124,7 +125,7 @@ def test_a_key_spooled_twice_is_read_once_and_a_success_wins(spark, fake_llm, tm
     failed = spool.write(questions(spark, 2).withColumn(RESULT, ask(*answer_inputs())))  # a first attempt that failed
     ok = spool.write(questions(spark, 2).withColumn(RESULT, ask(*answer_inputs())))     # a retried attempt
     frame = spool.read(failed + ok, questions(spark, 1).withColumn(RESULT, ask(*answer_inputs())).schema,
-                       "question_id", _is_failure(F.col(RESULT)))
+                       "question_id", is_failure(F.col(RESULT)))
     rows = frame.collect()
     assert sorted(r["question_id"] for r in rows) == ["q00", "q01"]
     assert all(r[RESULT]["error_class"] is None and r[RESULT]["text"] for r in rows)
