@@ -7,7 +7,8 @@ failed (`failed_calls`), results a run paid for and spooled but has not committe
 calls that were sent but whose answers never came back because their run or task died (`in flight`,
 from the intents in the spool, or once the next run has recorded them, `failed_calls (in flight)`):
 possibly paid, with estimated prompt tokens and no completion tokens. `--disciplines` limits every
-figure to some disciplines.
+figure to some disciplines. Usage is counted apart by `billing`, the price its tokens were paid at
+(online | batch: the provider's Batch API; null in tables older than batch mode: online).
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def discipline_scope(spark, cfg: GlanConfig, names: Sequence[str] | None,
 
 def usage_by_stage(spark, cfg: GlanConfig, scope: Scope | None = None, spool: SpoolState | None = None,
                    declared: Sequence[Stage] | None = None) -> list[dict[str, Any]]:
-    """One row per (stage, table, model): calls and token sums, of every call paid for or possibly
-    paid (see the module's doc), limited to `scope` when given. `spool`: its state, when already
+    """One row per (stage, table, model, billing): calls and token sums, of every call paid for or
+    possibly paid (see the module's doc), limited to `scope` when given. Spooled rows and calls in
+    flight count as online (the spool's usage does not say). `spool`: its state, when already
     read; `declared`: the stages (default: every stage in jobs/)."""
     storage = get_storage(spark, cfg)
     rows = []
@@ -85,13 +87,15 @@ def usage_by_stage(spark, cfg: GlanConfig, scope: Scope | None = None, spool: Sp
             rows.append(r.asDict())
     if spool is None:
         spool = spool_state(cfg, None if scope is None else scope.ids)
-    rows.extend({**row, "table": {"spooled": "spool", "in flight": "spool (in flight)"}[row["table"]]}
-                for row in spool.usage)
+    rows.extend({**row, "table": {"spooled": "spool", "in flight": "spool (in flight)"}[row["table"]],
+                 "billing": row.get("billing") or "online"} for row in spool.usage)
     return rows
 
 
 def _usage_sums(frame, *by: str) -> list:
-    return frame.groupBy(*by).agg(
+    """Calls and token sums by `by` and billing (tables written before batch mode have no `billing`)."""
+    billing = F.coalesce(F.col("billing"), F.lit("online")) if "billing" in frame.columns else F.lit("online")
+    return frame.withColumn("billing", billing).groupBy(*by, "billing").agg(
         F.count("*").alias("calls"),
         F.coalesce(F.sum("prompt_tokens"), F.lit(0)).alias("prompt_tokens"),
         F.coalesce(F.sum("cached_tokens"), F.lit(0)).alias("cached_tokens"),
@@ -101,13 +105,16 @@ def _usage_sums(frame, *by: str) -> list:
 
 def stage_plan(ctx: StageContext, stage: Stage, prices: dict[str, Price],
                assumptions: dict[str, Any]) -> list[dict[str, Any]]:
-    """The calls a stage is about to make in its slice, priced at the assumed tokens per call: each
-    call's rows still to ask, and for a call keyed like the one before it, also that one's (their
-    answers become its rows: a subject list to convert, a syllabus to extract)."""
+    """The calls a stage is about to make in its slice, priced at the assumed tokens per call in each
+    call's mode (`usd`; see `planned_cost`): each call's rows still to ask, and for a call keyed like
+    the one before it, also that one's (their answers become its rows: a subject list to convert, a
+    syllabus to extract)."""
     rows, carried, previous_key = [], 0, None
     for call in stage.calls:
         calls = ctx.todo(call).count() + (carried if call.key == previous_key else 0)
-        rows.append(planned_cost(call.prompt, call.llm(ctx.cfg).model, calls, assumptions, prices))
+        settings = call.llm(ctx.cfg)
+        rows.append(planned_cost(call.prompt, settings.model, calls, assumptions, prices,
+                                 ctx.cfg.llm.mode_of(settings)))
         carried, previous_key = calls, call.key
     return rows
 
@@ -128,8 +135,9 @@ def volume(cfg: GlanConfig, assumptions: dict[str, Any]) -> Volume:
 def estimate(cfg: GlanConfig, assumptions: dict[str, Any], prices: dict[str, Price],
              declared: Sequence[Stage] | None = None) -> list[dict[str, Any]]:
     """Calls, tokens and money of a full run of the configured slice, before anything is spent:
-    each declared call's calls (`LLMCall.volume`) with its model and the assumed tokens per call."""
+    each declared call's calls (`LLMCall.volume`) with its model, its mode (`usd` at that mode's
+    prices; see `planned_cost`) and the assumed tokens per call."""
     made = volume(cfg, assumptions)
     return [{"stage": stage.name, **planned_cost(call.prompt, call.llm(cfg).model, call.volume(made), assumptions,
-                                                  prices)}
+                                                  prices, cfg.llm.mode_of(call.llm(cfg)))}
             for stage in (stages() if declared is None else declared) for call in stage.calls]

@@ -279,8 +279,8 @@ class _Step:
         if self.budget is None or self.budget.limit_usd is None:
             return
         out = F.col(RESULT)
-        for row in results.groupBy(out["model"].alias("model")).agg(
+        for row in results.groupBy(out["model"].alias("model"), out["billing"].alias("billing")).agg(
                 F.coalesce(F.sum(out["prompt_tokens"]), F.lit(0)).alias("prompt"),
                 F.coalesce(F.sum(out["cached_tokens"]), F.lit(0)).alias("cached"),
                 F.coalesce(F.sum(out["completion_tokens"]), F.lit(0)).alias("completion")).collect():
-            self.budget.charge(row["model"], row["prompt"], row["cached"], row["completion"])
+            self.budget.charge(row["model"], row["prompt"], row["cached"], row["completion"], row["billing"])

@@ -26,6 +26,11 @@ class Price:
     def cost(self, prompt: int, cached: int, completion: int) -> float:
         return ((prompt - cached) * self.input + cached * self.cached_input + completion * self.output) / 1e6
 
+    def at(self, billing: str | None) -> Price:
+        """The prices of tokens billed `billing` (online | batch; None: online): the batch prices where
+        the model has them, else the online ones (a provider without a Batch API bills online)."""
+        return self.batch if billing == "batch" and self.batch is not None else self
+
 
 def load_prices(path: str = "prices.yaml") -> tuple[dict[str, Price], dict[str, Any]]:
     source = find_conf_file(path)
@@ -58,33 +63,46 @@ def price_for(prices: dict[str, Price], model: str | None) -> Price | None:
 
 
 def priced(rows: list[dict[str, Any]], prices: dict[str, Price]) -> list[dict[str, Any]]:
+    """Usage rows (`usage_by_stage`) with `usd`, what their tokens cost at the price they were billed
+    at (`billing`: online | batch; missing or None: online), and `usd_online`, the same tokens at
+    online prices (the saving is the difference). Both None when the model has no price."""
     out = []
     for row in rows:
+        billing = row.get("billing") or "online"
         price = price_for(prices, row["model"])
-        cost = price.cost(row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) if price else None
-        out.append({**row, "usd": None if cost is None else round(cost, 4)})
+        tokens = (row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"])
+        billed = price.at(billing).cost(*tokens) if price else None
+        online = price.cost(*tokens) if price else None
+        out.append({**row, "billing": billing, "usd": _rounded(billed, 4), "usd_online": _rounded(online, 4)})
     return out
 
 
 def planned_cost(call: str, model: str, calls: int, assumptions: dict[str, Any],
-                 prices: dict[str, Price]) -> dict[str, Any]:
-    """Tokens and money of `calls` calls of prompt `call` on `model`, at the assumed tokens per call
-    (conf/prices.yaml `estimate:`): `usd` online, `usd_batch` at the model's Batch API prices. Each
-    is None when the model has no such price."""
+                 prices: dict[str, Price], mode: str = "online") -> dict[str, Any]:
+    """Tokens and money of `calls` calls of prompt `call` on `model` in `mode` (online | batch), at
+    the assumed tokens per call (conf/prices.yaml `estimate:`): `usd` at the mode's prices (online
+    where the model has no batch prices), `usd_online` online, `usd_batch` at the model's Batch API
+    prices (None when it has none). All None when the model has no price."""
     per_call = (assumptions.get("tokens") or {}).get(call) or {"prompt": 0, "completion": 0}
     prompt = calls * int(per_call.get("prompt", 0))
     completion = calls * int(per_call.get("completion", 0))
     cached = int(prompt * float((assumptions.get("cached_share") or {}).get(call, 0.0)))
     price = price_for(prices, model)
-    cost = price.cost(prompt, cached, completion) if price else None
+    cost = price.at(mode).cost(prompt, cached, completion) if price else None
+    online = price.cost(prompt, cached, completion) if price else None
     batch = price.batch.cost(prompt, cached, completion) if price and price.batch else None
-    return {"call": call, "model": model, "calls": calls, "prompt_tokens": prompt, "cached_tokens": cached,
-            "completion_tokens": completion, "usd": None if cost is None else round(cost, 2),
-            "usd_batch": None if batch is None else round(batch, 2)}
+    return {"call": call, "model": model, "mode": mode, "calls": calls, "prompt_tokens": prompt,
+            "cached_tokens": cached, "completion_tokens": completion, "usd": _rounded(cost, 2),
+            "usd_online": _rounded(online, 2), "usd_batch": _rounded(batch, 2)}
+
+
+def _rounded(usd: float | None, digits: int) -> float | None:
+    return None if usd is None else round(usd, digits)
 
 
 def spent_usd(usage: Sequence[dict[str, Any]], prices: dict[str, Price]) -> float:
-    """What recorded usage rows (`usage_by_stage`) cost; models without a price count nothing."""
+    """What recorded usage rows (`usage_by_stage`) cost at the prices they were billed at; models
+    without a price count nothing."""
     return math.fsum(row["usd"] or 0.0 for row in priced(list(usage), prices))
 
 
@@ -99,10 +117,12 @@ class Budget:
         self.limit_usd, self.spent_usd = limit_usd, spent_usd
         self.prices, self.assumptions = prices, assumptions
 
-    def charge(self, model: str | None, prompt: int, cached: int, completion: int) -> None:
+    def charge(self, model: str | None, prompt: int, cached: int, completion: int,
+               billing: str | None = "online") -> None:
+        """Add what calls cost at the price they were billed at (online | batch; None: online)."""
         price = price_for(self.prices, model)
         if price is not None:
-            self.spent_usd += price.cost(prompt, cached, completion)
+            self.spent_usd += price.at(billing).cost(prompt, cached, completion)
 
     def check_start(self, stage: str, planned: Sequence[dict[str, Any]]) -> None:
         """Raise BudgetError when the stage's planned calls would take the spend past the limit."""

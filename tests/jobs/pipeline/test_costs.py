@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from jobs.config.loader import load_config
-from jobs.pipeline.costs import estimate
+from jobs.pipeline.costs import estimate, usage_by_stage
 from jobs.errors import ConfigError
 from jobs.pipeline.prices import Price, load_prices, planned_cost, price_for, priced
+from jobs.storage.delta import get_storage
+from jobs.storage.tables import ANSWERS, FAILED_CALLS
 
 
 def test_cost_of_recorded_usage_uses_input_cached_and_output_prices():
@@ -47,3 +49,49 @@ def test_batch_prices_are_read_and_price_the_same_calls(tmp_path):
     half.write_text("models:\n  m: {input: 1, output: 2, batch_input: 0.5}\n")
     with pytest.raises(ConfigError, match="batch_input and batch_output together"):
         load_prices(str(half))
+
+
+def test_estimate_prices_each_call_in_its_configured_mode():
+    prices, assumptions = load_prices()
+    cfg = load_config([], ["taxonomy.disciplines=[Mathematics]", "llm.endpoint=openai", "answers.llm.mode=batch"])
+    rows = {r["call"]: r for r in estimate(cfg, assumptions, prices)}
+    assert (rows["answer"]["mode"], rows["question"]["mode"]) == ("batch", "online")
+    assert rows["answer"]["usd"] == rows["answer"]["usd_batch"] < rows["answer"]["usd_online"]
+    assert rows["question"]["usd"] == rows["question"]["usd_online"] > rows["question"]["usd_batch"]
+    everything = load_config([], ["taxonomy.disciplines=[Mathematics]", "llm.endpoint=openai", "llm.mode=batch"])
+    assert {r["mode"] for r in estimate(everything, assumptions, prices)} == {"batch"}
+    embedded = load_config([], ["taxonomy.disciplines=[Mathematics]", "llm.endpoint=embedded", "llm.mode=batch"])
+    assert {r["mode"] for r in estimate(embedded, assumptions, prices)} == {"online"}  # no Batch API there
+
+
+USAGE_SETS = ["storage.backend=embedded", "llm.endpoint=openai"]
+
+
+def write_billed_usage(spark, cfg) -> None:
+    """Answers billed batch (2), online (1) and before batch mode (null billing, 1), and a failed
+    batch call: 1M prompt and 1M completion tokens each, on gpt-4o-mini."""
+    usage = {"model": "gpt-4o-mini", "prompt_tokens": 1_000_000, "cached_tokens": 0, "completion_tokens": 1_000_000}
+
+    def frame(spec, rows):
+        return spark.createDataFrame([tuple({**usage, **row}.get(f.name) for f in spec.schema.fields) for row in rows],
+                                     spec.schema)
+
+    answers = [{"answer_id": f"a{i}", "discipline_id": "d0", "billing": billing, "batch_id": batch}
+               for i, (billing, batch) in enumerate([("batch", "b1"), ("batch", "b1"), ("online", None), (None, None)])]
+    storage = get_storage(spark, cfg)
+    storage.append_missing(frame(ANSWERS, answers), "answers", "answer_id")
+    storage.append_missing(frame(FAILED_CALLS, [{"call_id": "c0", "stage": "answers", "row_key": "a9",
+                                                 "error_class": "truncated", "billing": "batch"}]),
+                           "failed_calls", "call_id")
+
+
+def test_usage_is_counted_apart_by_the_price_it_was_billed_at(spark, tmp_path):
+    cfg = load_config([], [f"run_root={tmp_path}", *USAGE_SETS])
+    write_billed_usage(spark, cfg)
+    rows = {(u["table"], u["billing"]): u for u in usage_by_stage(spark, cfg)}
+    assert {key: u["calls"] for key, u in rows.items()} == {
+        ("answers", "batch"): 2, ("answers", "online"): 2, ("failed_calls", "batch"): 1}
+    prices, _ = load_prices()
+    billed = {(u["table"], u["billing"]): u for u in priced(list(rows.values()), prices)}
+    assert billed["answers", "batch"]["usd"] == pytest.approx(2 * (0.075 + 0.30))
+    assert billed["answers", "batch"]["usd_online"] == billed["answers", "online"]["usd"] == pytest.approx(2 * 0.75)
