@@ -6,7 +6,8 @@ share of the stage's calls whose output hit max_tokens (they are failures, asked
 share drops long outputs from the data: raise that call's max_tokens). `spooled` counts calls
 an interrupted run paid for but did not commit: the next run commits them without asking again
 (they are still counted in `to_do`). `running` names the live runs (host:pid) working on a stage
-right now. Tokens and cost are those of `glan cost`: committed, failed, spooled and in-flight calls
+right now. `batches` and `batch_requests` count the provider batches not yet collected (batch
+mode) and the requests in them: a rerun collects them. Tokens and cost are those of `glan cost`: committed, failed, spooled and in-flight calls
 (the last with estimated prompt tokens). `--disciplines "A,B"` (else taxonomy.disciplines) limits
 every figure to those disciplines."""
 
@@ -27,8 +28,10 @@ from jobs.pipeline.slices import split_names
 from jobs.pipeline.spool import spool_state
 from jobs.pipeline.stage import Stage, StageContext, call_keys, stages
 from jobs.storage.delta import get_storage
+from jobs.storage.tables import LLM_BATCHES
 
-COLUMNS = ["stage", "done", "to_do", "spooled", "failures", "truncated", "tokens", "usd", "running"]
+COLUMNS = ["stage", "done", "to_do", "spooled", "failures", "truncated", "batches", "batch_requests", "tokens",
+           "usd", "running"]
 
 
 def stage_status(spark, cfg: GlanConfig, disciplines: Sequence[str] | None = None,
@@ -41,6 +44,7 @@ def stage_status(spark, cfg: GlanConfig, disciplines: Sequence[str] | None = Non
     failures = _count_by_stage(storage, "failures", scope)
     truncated = _count_by_stage(storage, "failed_calls", scope, F.col("error_class") == TRUNCATED)
     spool = spool_state(cfg, None if scope is None else scope.ids)
+    batches = _live_batches(storage, scope)
     prices, _ = load_prices()
     usage = priced(usage_by_stage(spark, cfg, scope, spool, declared), prices)
     rows = []
@@ -56,9 +60,24 @@ def stage_status(spark, cfg: GlanConfig, disciplines: Sequence[str] | None = Non
                      "to_do": todo.count() if todo is not None else 0, "failures": failures.get(stage.name, 0),
                      "truncated": f"{truncated.get(stage.name, 0) / calls:.1%}" if llm and calls else "",
                      "spooled": spool.spooled.get(stage.name, 0) if llm else "",
+                     "batches": batches.get(stage.name, (0, 0))[0] if llm else "",
+                     "batch_requests": batches.get(stage.name, (0, 0))[1] if llm else "",
                      "running": " ".join(spool.running.get(stage.name, [])),
                      "tokens": tokens if llm else "", "usd": round(cost, 4) if llm else ""})
     return rows
+
+
+def _live_batches(storage, scope) -> dict[str, tuple[int, int]]:
+    """(batches, requests) per stage of the provider batches not yet collected, in the scope."""
+    if not storage.exists(LLM_BATCHES.name):
+        return {}
+    frame = storage.read(LLM_BATCHES.name).filter(F.col("state") != "collected")
+    if scope is not None:
+        if not scope.ids:
+            return {}
+        frame = frame.filter(F.arrays_overlap("disciplines", F.array(*[F.lit(i) for i in scope.ids])))
+    grouped = frame.groupBy("stage").agg(F.count("*").alias("n"), F.sum("num_requests").alias("r"))
+    return {r["stage"]: (r["n"], int(r["r"] or 0)) for r in grouped.collect()}
 
 
 def _count_by_stage(storage, name: str, scope, where=None) -> dict[str, int]:

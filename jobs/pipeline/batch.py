@@ -107,6 +107,7 @@ class Batches:
     todo: DataFrame
     ids: list[str] | None
     created_here: set[str] = field(default_factory=set)
+    collected_here: set[str] = field(default_factory=set)
     _api: BatchAPI | None = None
 
     @property
@@ -166,13 +167,15 @@ class Batches:
         return keys.filter(F.col("submission_id").isin(submission_ids))
 
     def without_live(self, todo: DataFrame) -> DataFrame:
-        """`todo` minus the keys of this call's submissions not yet collected (any slice's)."""
+        """`todo` minus the keys of this call's submissions not yet collected (any slice's), and of
+        those this run collected (their answers are committed, their failures asked by the next run)."""
         storage = get_storage(self.spark, self.cfg)
         if not storage.exists(LLM_BATCHES.name):
             return todo
+        handled = (F.col("state") != COLLECTED) | F.col("submission_id").isin(sorted(self.collected_here))
         live = (storage.read(LLM_BATCHES.name)
                 .filter((F.col("stage") == self.step.stage) & (F.col("output_table") == self.step.call.output)
-                        & (F.col("state") != COLLECTED)).select("submission_id"))
+                        & handled).select("submission_id"))
         keys = storage.read(LLM_BATCH_KEYS.name).join(live, "submission_id", "left_semi").select("row_key")
         key = self.step.call.key
         return todo.join(keys, F.col(key).cast("string") == keys["row_key"], "left_anti")
@@ -317,6 +320,7 @@ class Batches:
         written, failed = self.step.result.rows_written - before[0], self.step.result.failures - before[1]
         self.write_down([{**row, "state": COLLECTED, "collected_at": _now(), "rows_written": written,
                           "rows_failed": failed, "rows_resubmitted": resubmitted}])
+        self.collected_here.add(row["submission_id"])
         print(f"[{self.step.stage}] batch {row['batch_id']} ({row['status']}): {written:,} answer(s) committed, "
               f"{failed:,} to failures, {resubmitted:,} sent again", file=sys.stderr, flush=True)
 

@@ -50,6 +50,8 @@ def run_pipeline(cfg: GlanConfig, stages: Sequence[str] | None = None, disciplin
             asked += sum(v for k, v in figures.items() if k.endswith("_todo"))
             if calls:
                 failed[stage.name] = calls
+            if _in_flight(stage, figures, chosen):
+                break
     print(f"pipeline finished in {time.monotonic() - started:.1f}s; tables under {cfg.table_uri('')}",
           file=sys.stderr)
     last = chosen[-1].final_table if chosen else "taxonomy"
@@ -95,6 +97,20 @@ def _run_stage(ctx: StageContext, stage: Stage) -> dict:
     print(f"[{stage.name}] done in {time.monotonic() - t0:.1f}s{': ' + summary if summary else ''}",
           file=sys.stderr, flush=True)
     return figures
+
+
+def _in_flight(stage: Stage, figures: dict, chosen: Sequence[Stage]) -> bool:
+    """True when the stage left requests in the provider's batches (batch mode): the stages after
+    it would work on part of its output, so the run ends here; a rerun collects the batches."""
+    requests = sum(v for k, v in figures.items() if k.endswith("_in_flight"))
+    if not requests:
+        return False
+    later = [s.name for s in chosen[chosen.index(stage) + 1:]]
+    print(f"[{stage.name}] {requests:,} request(s) are in the provider's batches (glan status shows them; "
+          f"glan sql \"SELECT * FROM llm_batches WHERE state != 'collected'\"); run glan run again to collect "
+          f"them{' and go on with ' + ', '.join(later) if later else ''} (llm.batch.wait_s sets how long a run waits)",
+          file=sys.stderr, flush=True)
+    return True
 
 
 def _failed_calls_verdict(cfg: GlanConfig, failed: dict[str, int], asked: int) -> int:

@@ -137,6 +137,7 @@ def batch_error(batch: Batch) -> str | None:
     return "; ".join(messages) or None
 
 
-def since(created_at_s: float, slack_s: float = 600.0) -> float:
-    """How far back `find` looks for a submission written down at `created_at_s`: clocks differ."""
+def since(created_at_s: float, slack_s: float = 2 * 86400.0) -> float:
+    """How far back `find` looks for a submission written down at `created_at_s`: two days more, as
+    clocks and time zones differ (a batch lives 24 hours at most)."""
     return min(created_at_s, time.time()) - slack_s
