@@ -74,9 +74,14 @@ def settle(step: Any, todo: DataFrame, ids: list[str] | None) -> DataFrame:
     if not get_storage(step.spark, step.cfg).exists(LLM_BATCHES.name):
         return todo
     batches = Batches(step, todo, ids)
-    if batches.ledger(PENDING, SUBMITTED):
-        batches.look()
-    return batches.without_live(todo)
+    try:
+        if batches.ledger(PENDING, SUBMITTED):
+            batches.look()
+        return batches.without_live(todo)
+    except BatchAPIError as exc:
+        raise GlanError(f"stage {step.stage}: batch mode: {exc}") from None
+    finally:
+        batches.close()
 
 
 def run_batch(step: Any, todo: DataFrame, ids: list[str] | None) -> None:
@@ -92,6 +97,9 @@ def run_batch(step: Any, todo: DataFrame, ids: list[str] | None) -> None:
             batches.submit(fresh)
             batches.look()
         batches.wait()
+    except BatchAPIError as exc:  # the provider refused, after the client's retries: nothing is lost
+        raise GlanError(f"stage {step.stage}: batch mode: {exc}; what was sent is in llm_batches, and the next "
+                        "run goes on from there") from None
     finally:
         batches.close()
 

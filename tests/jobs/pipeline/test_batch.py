@@ -3,6 +3,7 @@ at batch prices, and exact through crashes, faults and races."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -245,3 +246,46 @@ def test_a_kill_at_any_boundary_leaves_what_the_next_run_finishes_without_paying
     stats = fake_llm.stats()["batch"]
     assert stats["batches"]["created"] == 1 and stats["lines"]["completed"] == 6  # each request sent and paid once
     assert all(r["state"] == "collected" for r in ledger(spark, cfg) if r["batch_id"])
+
+
+@pytest.mark.slow
+def test_glan_run_in_batch_mode_stops_at_batches_in_flight_and_a_rerun_ends_with_the_online_rows(
+        spark, fake_llm, tmp_path):
+    from jobs.cli.status import stage_status
+    from jobs.pipeline.runner import run_pipeline
+    from tests.jobs.pipeline.test_runner import make_cfg
+
+    reference = make_cfg(tmp_path, fake_llm.url, name="online")
+    assert run_pipeline(reference) == 0
+    fake_llm.reset()
+    fake_llm.batch_processing_s = 600.0
+    cfg = make_cfg(tmp_path, fake_llm.url, name="batch", **{"llm.mode": "batch"})
+    assert run_pipeline(cfg) == 0  # submits the first stage's batch, then ends: nothing after it runs
+    status = {r["stage"]: r for r in stage_status(spark, cfg)}
+    assert (status["subjects"]["batches"], status["subjects"]["batch_requests"]) == (1, 20)  # 10 lists x 2 disciplines
+    assert not get_storage(spark, cfg).exists("syllabi")
+    fake_llm.batch_processing_s = 0.0
+    for batch in fake_llm._batches.values():
+        batch.processing_s = 0.0
+    assert run_pipeline(cfg) == 0  # collects, and each later stage's batches end at once
+    assert fake_llm.count() == 0  # not one online request
+    for name, columns in (("questions", ["question_id", "question"]), ("answers", ["answer_id", "answer"]),
+                          ("instructions", ["instruction_id", "question", "answer"])):
+        got = {tuple(r) for r in get_storage(spark, cfg).read(name).select(*columns).collect()}
+        assert got == {tuple(r) for r in get_storage(spark, reference).read(name).select(*columns).collect()}, name
+    answers = get_storage(spark, cfg).read("answers")
+    assert answers.filter(F.col("billing") == "batch").count() == answers.count() > 0
+    assert not [r for r in ledger(spark, cfg) if r["state"] != "collected"]
+
+
+@pytest.mark.slow
+def test_azure_openai_batch_deployments_take_the_same_step(spark, fake_llm, tmp_path):
+    cfg = batch_cfg(tmp_path, fake_llm.url, "llm.endpoint=azure", "llm.api_version=2024-10-21",
+                    f"llm.base_url={fake_llm.url.removesuffix('/v1')}",  # the resource's endpoint
+                    "llm.azure_deployment=gpt-4o-mini-batch")
+    result = run_llm_step(questions(spark, 3), CALL, stage="test", cfg=cfg)
+    assert (result.rows_written, result.failures) == (3, 0)
+    [(obj, content)] = [f for f in fake_llm._files.values() if f[0]["purpose"] == "batch"]
+    lines = [json.loads(line) for line in content.splitlines()]
+    assert {(line["url"], line["body"]["model"]) for line in lines} == {("/chat/completions", "gpt-4o-mini-batch")}
+    assert fake_llm.stats()["batch"]["batches"]["completed"] == 1
