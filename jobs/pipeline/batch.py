@@ -21,7 +21,8 @@ holds is ever sent again, in batch or online:
    flight then is reported, and a later run collects it.
 
 Files live under `<run_root>/_batches/<stage>.<output>/`: request files (each ledger row's
-`request_uri`: the same JSONL a provider, or vLLM's batch runner, reads) and the results downloaded.
+`request_uri`: the same JSONL a provider, or vLLM's batch runner, reads) and the results downloaded;
+a batch's files are removed once it is collected.
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ class Batches:
                     F.count("*").alias("n"), F.sum("_bytes").alias("bytes"),
                     F.sort_array(F.collect_set("discipline_id")).alias("disciplines")).collect()]
         self.write_down(rows, new=True)
+        _remove(f"{scratch}/rendered")  # the request files hold what is sent from here on
         self.created_here.update(r["submission_id"] for r in rows)
         print(f"[{self.step.stage}] batch: {sum(r['num_requests'] for r in rows):,} {self.step.call.prompt} "
               f"request(s) in {len(rows)} file(s) under {scratch}/requests", file=sys.stderr, flush=True)
@@ -329,6 +331,9 @@ class Batches:
         self.write_down([{**row, "state": COLLECTED, "collected_at": _now(), "rows_written": written,
                           "rows_failed": failed, "rows_resubmitted": resubmitted}])
         self.collected_here.add(row["submission_id"])
+        for uri in (f"{self.base}/{row['submission_id']}", row["request_uri"]):  # downloads, checks, requests
+            _remove(uri)
+        _remove_spent_write(row["request_uri"])
         print(f"[{self.step.stage}] batch {row['batch_id']} ({row['status']}): {written:,} answer(s) committed, "
               f"{failed:,} to failures, {resubmitted:,} sent again", file=sys.stderr, flush=True)
 
@@ -475,6 +480,27 @@ def _read_requests(uri: str) -> bytes:
         with fs.open_input_stream(path) as stream:
             chunks.append(stream.read())
     return b"".join(chunks)
+
+
+def _remove(uri: str | None) -> None:
+    """Delete a folder of batch files, if it is there."""
+    if not uri:
+        return
+    fs, root = arrow_filesystem(uri)
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        fs.delete_dir(root)
+
+
+def _remove_spent_write(request_uri: str | None) -> None:
+    """Remove a submission's write folder (`<write id>/requests/submission_id=...`) once none of its
+    request files is left in it."""
+    if not request_uri or "/requests/submission_id=" not in request_uri:
+        return
+    folder = request_uri.rsplit("/requests/", 1)[0]
+    fs, root = arrow_filesystem(f"{folder}/requests")
+    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    if not any(e.type == pafs.FileType.Directory for e in entries):
+        _remove(folder)
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float:

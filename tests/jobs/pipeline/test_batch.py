@@ -289,3 +289,12 @@ def test_azure_openai_batch_deployments_take_the_same_step(spark, fake_llm, tmp_
     lines = [json.loads(line) for line in content.splitlines()]
     assert {(line["url"], line["body"]["model"]) for line in lines} == {("/chat/completions", "gpt-4o-mini-batch")}
     assert fake_llm.stats()["batch"]["batches"]["completed"] == 1
+
+
+def test_a_collected_batch_leaves_no_files_behind(spark, fake_llm, tmp_path):
+    cfg = batch_cfg(tmp_path, fake_llm.url)
+    run_llm_step(questions(spark, 3), CALL, stage="test", cfg=cfg)
+    [row] = ledger(spark, cfg)
+    assert row["state"] == "collected"
+    left = [p for p in (tmp_path / "run" / "_batches").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert left == []
