@@ -43,15 +43,20 @@ def ledger(spark, cfg):
     return [r.asDict() for r in get_storage(spark, cfg).read("llm_batches").orderBy("created_at").collect()]
 
 
-def test_a_batch_step_writes_the_rows_the_online_step_writes(spark, fake_llm, tmp_path):
+@pytest.fixture(scope="module")
+def online_rows(spark, fake_llm_server, tmp_path_factory) -> set:
+    """The rows the online step writes for questions(spark, 6), asked once for the module."""
+    cfg = batch_cfg(tmp_path_factory.mktemp("online"), fake_llm_server.url, "llm.mode=online")
+    run_llm_step(questions(spark, 6), CALL, stage="test", cfg=cfg)
+    fake_llm_server.reset()
+    return rows_of(spark, cfg)
+
+
+def test_a_batch_step_writes_the_rows_the_online_step_writes(spark, fake_llm, tmp_path, online_rows):
     todo = questions(spark, 6)
-    online = replace(batch_cfg(tmp_path / "online", fake_llm.url), llm=replace(
-        batch_cfg(tmp_path / "online", fake_llm.url).llm, mode="online"))
-    run_llm_step(todo, CALL, stage="test", cfg=online)
-    fake_llm.reset()
     cfg = batch_cfg(tmp_path / "batch", fake_llm.url)
     result = run_llm_step(todo, CALL, stage="test", cfg=cfg)
-    assert rows_of(spark, cfg) == rows_of(spark, online)
+    assert rows_of(spark, cfg) == online_rows
     assert (result.rows_written, result.failures, result.in_flight) == (6, 0, 0)
     assert fake_llm.count() == 0  # not one online request
     stats = fake_llm.stats()["batch"]
@@ -229,11 +234,8 @@ BOUNDARIES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("boundary", list(BOUNDARIES))
 def test_a_kill_at_any_boundary_leaves_what_the_next_run_finishes_without_paying_twice(
-        spark, fake_llm, tmp_path, monkeypatch, boundary):
+        spark, fake_llm, tmp_path, monkeypatch, boundary, online_rows):
     todo = questions(spark, 6)
-    reference = batch_cfg(tmp_path / "reference", fake_llm.url)
-    run_llm_step(todo, CALL, stage="test", cfg=reference)
-    fake_llm.reset()
     cfg = batch_cfg(tmp_path / "killed", fake_llm.url)
     with monkeypatch.context() as patch:
         target, name, before = BOUNDARIES[boundary]
@@ -241,7 +243,7 @@ def test_a_kill_at_any_boundary_leaves_what_the_next_run_finishes_without_paying
         with pytest.raises(Killed):
             run_llm_step(todo, CALL, stage="test", cfg=cfg)
     result = run_llm_step(todo, CALL, stage="test", cfg=cfg)
-    assert rows_of(spark, cfg) == rows_of(spark, reference)
+    assert rows_of(spark, cfg) == online_rows
     assert result.in_flight == 0
     stats = fake_llm.stats()["batch"]
     assert stats["batches"]["created"] == 1 and stats["lines"]["completed"] == 6  # each request sent and paid once
