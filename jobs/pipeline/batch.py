@@ -145,8 +145,8 @@ class Batches:
 
     # -- the ledger ------------------------------------------------------------------------------
 
-    def ledger(self, *states: str) -> list[dict[str, Any]]:
-        """This call's ledger rows in `states` whose disciplines are all in the run's slice."""
+    def ledger(self, *states: str, scoped: bool = True) -> list[dict[str, Any]]:
+        """This call's ledger rows in `states` whose disciplines are all in the run's slice (`scoped`)."""
         storage = get_storage(self.spark, self.cfg)
         if not storage.exists(LLM_BATCHES.name):
             return []
@@ -154,7 +154,7 @@ class Batches:
             (F.col("stage") == self.step.stage) & (F.col("output_table") == self.step.call.output)
             & F.col("state").isin(*states))
         rows = [row.asDict() for row in frame.collect()]
-        if self.ids is not None:
+        if scoped and self.ids is not None:
             mine = set(self.ids)
             rows = [r for r in rows if set(r["disciplines"] or []) <= mine]
         return sorted(rows, key=lambda r: r["submission_id"])
@@ -439,6 +439,20 @@ class Batches:
             live = self.ledger(PENDING, SUBMITTED)
         self.step.result.in_flight = sum(r["num_requests"] or 0 for r in live)
         self.step.result.batches = len(live)
+        self.note_other_slices()
+
+    def note_other_slices(self) -> None:
+        """Say so when batches of this call hold disciplines outside the run's slice: their keys stay
+        out of every run's work until a run whose slice covers them collects them."""
+        if self.ids is None:
+            return
+        mine = set(self.ids)
+        others = [r for r in self.ledger(PENDING, SUBMITTED, scoped=False) if not set(r["disciplines"] or []) <= mine]
+        if others:
+            names = sorted({d for r in others for d in r["disciplines"] or []} - mine)
+            print(f"[{self.step.stage}] batch: {len(others)} batch(es) of this call also hold other discipline ids "
+                  f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); a run over those disciplines "
+                  "(or all) collects them", file=sys.stderr, flush=True)
 
 
 def _unanswered(error_class: Column, message: Column, batch_id: Column) -> Column:

@@ -300,3 +300,16 @@ def test_a_collected_batch_leaves_no_files_behind(spark, fake_llm, tmp_path):
     assert row["state"] == "collected"
     left = [p for p in (tmp_path / "run" / "_batches").rglob("*") if p.is_file() and not p.name.startswith(".")]
     assert left == []
+
+
+@pytest.mark.slow
+def test_a_run_on_a_narrower_slice_leaves_a_wider_runs_batch_alone_and_says_so(spark, fake_llm, tmp_path, capsys):
+    fake_llm.batch_processing_s = 600.0
+    cfg = batch_cfg(tmp_path, fake_llm.url)
+    todo = questions(spark, 4)  # disciplines d0 and d1
+    run_llm_step(todo, CALL, stage="test", cfg=cfg)
+    only_d0 = spark.createDataFrame([("d0",)], "discipline_id string")
+    narrow = run_llm_step(todo.filter("discipline_id = 'd0'"), CALL, stage="test", cfg=cfg, scope=only_d0)
+    assert (narrow.rows_in, narrow.in_flight) == (0, 0)  # its rows are in the wide run's batch: not sent again
+    assert "also hold other discipline ids (d1); a run over those disciplines" in capsys.readouterr().err
+    assert fake_llm.stats()["batch"]["batches"]["created"] == 1
