@@ -29,6 +29,7 @@ def fake_llm(fake_llm_server: FakeLLM) -> Iterator[FakeLLM]:
     yield server
     for name in ("latency_ms", "jitter_ms", "rate_429", "rate_500", "rate_timeout", "rate_malformed",
                  "rate_truncated", "retry_after_s", "timeout_hold_s", "batch_processing_s", "rate_batch_expired",
-                 "rate_batch_line_failed", "batch_fail_whole", "batch_stuck", "batch_max_lines", "batch_max_bytes"):
+                 "rate_batch_line_failed", "batch_fail_whole", "batch_stuck", "batch_max_lines", "batch_max_bytes",
+                 "rate_limit_rpm", "rate_limit_window_s"):
         setattr(server, name, saved[name])
     server.reset()

@@ -7,13 +7,19 @@ A real HTTP/1.1 server (stdlib asyncio, keep-alive) on 127.0.0.1 speaking
     POST /v1/files, GET /v1/files/{id}, GET /v1/files/{id}/content          (OpenAI's Files API, purpose=batch)
     POST /v1/batches, GET /v1/batches[/{id}], POST /v1/batches/{id}/cancel  (OpenAI's Batch API)
     GET  /stats                 total chat requests, counts by HTTP status, by call kind, by fault,
-                                tokens, and `repeated_ok` (successes for messages already answered)
+                                tokens, `repeated_ok` (successes for messages already answered), and
+                                `per_second` (chat requests received in each wall-clock second)
 
 Answers: the call kind is the `X-Glan-Call` header the client sends. With a `response_format`
 JSON schema the answer is a valid instance of that schema; without one, a call whose name is in
 `udfs.llm.schemas.SCHEMAS` gets its schema's instance as fenced ```json text (the lenient path), and any
 other call gets a few paragraphs of free text. Content is seeded by a hash of the messages and the
 server seed, made of varied English words, and identical for retries of the same request.
+
+A server-side rate limit like a provider's: with `rate_limit_rpm`, a chat request that finds
+rate_limit_rpm * rate_limit_window_s / 60 requests already let through in the trailing
+`rate_limit_window_s` seconds is answered 429 at once (fault `rate_limit`, Retry-After until one leaves
+the window); requests it refuses do not count against the window.
 
 Faults (429 with Retry-After, 500, held-open timeouts, malformed JSON, truncated output) are drawn
 from a hash of (seed, messages, how often these messages were seen), so a run is reproducible
@@ -47,6 +53,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import random
 import re
 import signal
@@ -54,7 +61,7 @@ import struct
 import threading
 import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -440,6 +447,16 @@ def _line_row(digest: bytes, custom_id: str, status: int | None, body: dict[str,
 # The server
 
 
+def _check_settings(shares: dict[str, float], rate_limit_rpm: int | None, rate_limit_window_s: float) -> None:
+    for name, rate in shares.items():
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name}={rate} is outside [0, 1]")
+    if shares["rate_429"] + shares["rate_500"] + shares["rate_timeout"] > 1.0:
+        raise ValueError("rate_429 + rate_500 + rate_timeout must be <= 1")
+    if (rate_limit_rpm is not None and rate_limit_rpm <= 0) or rate_limit_window_s <= 0:
+        raise ValueError(f"rate_limit_rpm={rate_limit_rpm} and rate_limit_window_s={rate_limit_window_s} must be > 0")
+
+
 class FakeLLM:
     def __init__(
         self,
@@ -465,21 +482,20 @@ class FakeLLM:
         batch_stuck: int = 0,
         batch_max_lines: int = 50_000,
         batch_max_bytes: int = 200 * 2**20,
+        rate_limit_rpm: int | None = None,
+        rate_limit_window_s: float = 10.0,
     ):
-        for name, rate in (("rate_429", rate_429), ("rate_500", rate_500), ("rate_timeout", rate_timeout),
-                           ("rate_malformed", rate_malformed), ("rate_truncated", rate_truncated),
-                           ("rate_batch_expired", rate_batch_expired),
-                           ("rate_batch_line_failed", rate_batch_line_failed)):
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"{name}={rate} is outside [0, 1]")
-        if rate_429 + rate_500 + rate_timeout > 1.0:
-            raise ValueError("rate_429 + rate_500 + rate_timeout must be <= 1")
+        _check_settings({"rate_429": rate_429, "rate_500": rate_500, "rate_timeout": rate_timeout,
+                         "rate_malformed": rate_malformed, "rate_truncated": rate_truncated,
+                         "rate_batch_expired": rate_batch_expired, "rate_batch_line_failed": rate_batch_line_failed},
+                        rate_limit_rpm, rate_limit_window_s)
         self.host, self.port = host, port
         self.latency_ms, self.jitter_ms = latency_ms, jitter_ms
         self.rate_429, self.rate_500, self.rate_timeout = rate_429, rate_500, rate_timeout
         self.rate_malformed, self.rate_truncated = rate_malformed, rate_truncated
         self.retry_after_s, self.timeout_hold_s = retry_after_s, timeout_hold_s
         self.seed, self.model, self.record = seed, model, record
+        self.rate_limit_rpm, self.rate_limit_window_s = rate_limit_rpm, rate_limit_window_s
         # Batch API: the knobs are read when a batch is created (processing time, whole-batch faults)
         # or finished (the per-line shares); fail_whole and stuck count down one per batch created.
         self.batch_processing_s = batch_processing_s
@@ -554,7 +570,8 @@ class FakeLLM:
             self.rules = []
             self._seen = Counter()
             self._answered: set[bytes] = set()
-            self._stats = {"total": 0, "repeated_ok": 0, "by_status": Counter(), "by_kind": Counter(), "by_fault": Counter(),
+            self._let_through: deque[float] = deque()  # monotonic times of requests the rate limit let through
+            self._stats = {"total": 0, "per_second": Counter(), "repeated_ok": 0, "by_status": Counter(), "by_kind": Counter(), "by_fault": Counter(),
                            "prompt_tokens": 0, "completion_tokens": 0,
                            "files_uploaded": 0, "batches": Counter(), "batch_lines": Counter()}
 
@@ -582,7 +599,8 @@ class FakeLLM:
                      "tokens": {"prompt": lines["prompt_tokens"], "completion": lines["completion_tokens"]}}
             return {"total": s["total"], "repeated_ok": s["repeated_ok"], "by_status": {str(k): v for k, v in s["by_status"].items()},
                     "by_kind": dict(s["by_kind"]), "by_fault": dict(s["by_fault"]),
-                    "tokens": {"prompt": s["prompt_tokens"], "completion": s["completion_tokens"]}, "batch": batch}
+                    "tokens": {"prompt": s["prompt_tokens"], "completion": s["completion_tokens"]}, "batch": batch,
+                    "per_second": {str(k): v for k, v in sorted(s["per_second"].items())}}
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -682,6 +700,11 @@ class FakeLLM:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             self._finish(record, 400)
             return self._error(400, "body must be a JSON object with messages", "invalid_request_error")
+        limited = self._rate_limited()
+        if limited is not None:
+            self._finish(record, 429, "rate_limit")
+            return self._error(429, "Rate limit reached for requests per minute (fake)", "rate_limit_exceeded",
+                               {"retry-after": f"{math.ceil(limited)}", "retry-after-ms": f"{limited * 1000:.0f}"})
         draw = self._draw(body, record.kind, record.text)
         await self._wait(draw)
         if draw.rule is not None and draw.rule.status != 200:
@@ -697,6 +720,21 @@ class FakeLLM:
         content, finish, fault = self._content(body, record.kind, draw)
         return self._completion(record, body, draw, content, finish, fault)
 
+    def _rate_limited(self) -> float | None:
+        """None when the rate limit lets this request through (counted), else the seconds until
+        the oldest request it counts leaves the window."""
+        if self.rate_limit_rpm is None:
+            return None
+        now = time.monotonic()
+        allowed = max(1, int(self.rate_limit_rpm * self.rate_limit_window_s / 60.0))
+        with self._lock:
+            while self._let_through and self._let_through[0] <= now - self.rate_limit_window_s:
+                self._let_through.popleft()
+            if len(self._let_through) >= allowed:
+                return max(0.001, self._let_through[0] + self.rate_limit_window_s - now)
+            self._let_through.append(now)
+        return None
+
     def _record(self, path: str, headers: dict[str, str], raw: bytes) -> RecordedRequest:
         """The request with its body parsed (None when it is not JSON), counted, and kept when
         `record` is on."""
@@ -709,6 +747,7 @@ class FakeLLM:
         with self._lock:
             self._stats["total"] += 1
             self._stats["by_kind"][kind] += 1
+            self._stats["per_second"][int(record.received_at)] += 1
             if self.record:
                 self.requests.append(record)
         return record
@@ -1086,6 +1125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-batch-line-failed", type=float, default=0.0, help="share of batch lines failed")
     parser.add_argument("--batch-fail-whole", type=int, default=0, help="the next N batches fail as a whole")
     parser.add_argument("--batch-stuck", type=int, default=0, help="the next N batches stay in_progress")
+    parser.add_argument("--rate-limit-rpm", type=int, default=None,
+                        help="answer 429 beyond this many requests per minute (counted per --rate-limit-window-s)")
+    parser.add_argument("--rate-limit-window-s", type=float, default=10.0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1098,6 +1140,7 @@ def run(args: argparse.Namespace) -> int:
         record=not args.no_record, batch_processing_s=args.batch_processing_s,
         rate_batch_expired=args.rate_batch_expired, rate_batch_line_failed=args.rate_batch_line_failed,
         batch_fail_whole=args.batch_fail_whole, batch_stuck=args.batch_stuck,
+        rate_limit_rpm=args.rate_limit_rpm, rate_limit_window_s=args.rate_limit_window_s,
     )
 
     async def serve() -> None:

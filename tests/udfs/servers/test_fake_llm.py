@@ -129,6 +129,21 @@ def test_429_carries_retry_after(fake_llm):
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+def test_rate_limit_answers_429_beyond_the_window_share_and_counts_per_second(fake_llm):
+    fake_llm.rate_limit_rpm, fake_llm.rate_limit_window_s = 30, 1.0  # half a request per second: 1 per window
+    codes = [chat(fake_llm.url, f"r{i}").status_code for i in range(3)]
+    assert codes == [200, 429, 429]
+    limited = chat(fake_llm.url, "r3")
+    assert 0 < float(limited.headers["retry-after-ms"]) <= 1000 and limited.headers["retry-after"] == "1"
+    time.sleep(float(limited.headers["retry-after-ms"]) / 1000 + 0.05)
+    assert chat(fake_llm.url, "r4").status_code == 200  # refused requests did not count
+    stats = httpx2.get(fake_llm.url.removesuffix("/v1") + "/stats").json()
+    assert stats["by_fault"] == {"rate_limit": 3}
+    assert sum(stats["per_second"].values()) == stats["total"] == 5
+    seconds = [int(r.received_at) for r in fake_llm.requests]
+    assert stats["per_second"] == {str(s): seconds.count(s) for s in sorted(set(seconds))}
+
+
 def test_malformed_and_truncated_faults(fake_llm):
     fake_llm.rate_malformed = 1.0
     content = chat(fake_llm.url, "x", schema=SCHEMAS[0]).json()["choices"][0]["message"]["content"]
