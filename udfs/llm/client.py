@@ -1,7 +1,8 @@
 """The LLM client: one per Spark task, many requests in flight, results in input order.
 
 `LLMClient.run(spec, requests)` sends every request of a batch at once through an asyncio
-semaphore-like AIMD limiter and the task's share of the RPM/TPM budget, retries transient failures
+semaphore-like AIMD limiter and the RPM/TPM budget (leased from the driver's rate coordinator, or
+the task's static share of it: udfs/llm/coordinator.py `task_budget`), retries transient failures
 with tenacity, parses and validates structured output (one repair call on failure), and returns one
 result dict per request (see RESULT_FIELDS). It never raises for a bad row: the row's result carries
 `error_class` and `error_message` instead.
@@ -30,8 +31,9 @@ import openai
 from openai.types.chat import ChatCompletion
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from udfs.llm.limits import AdaptiveLimiter, per_task_buckets
 from udfs.llm.config import LLMConfig, StageLLMConfig
+from udfs.llm.coordinator import task_budget
+from udfs.llm.limits import AdaptiveLimiter
 from udfs.llm.prompts import Prompt, load_prompt
 from udfs.llm.structured import parse_output
 
@@ -346,14 +348,17 @@ class BatchAnswer:
 
 
 class LLMClient:
-    """One per task. Owns an event loop, the openai client, the limiter and the budget buckets."""
+    """One per task. Owns an event loop, the openai client and the budget (limiter and rate budgets).
 
-    def __init__(self, llm: LLMConfig, *, concurrent_tasks: int = 1, base_url: str | None = None):
+    `coordinator`: the URL of the driver's rate coordinator (udfs/llm/coordinator.py); None, or no
+    RPM/TPM budget set: the task's static share of the budgets."""
+
+    def __init__(self, llm: LLMConfig, *, concurrent_tasks: int = 1, base_url: str | None = None,
+                 coordinator: str | None = None):
         self.llm = llm
         self.base_url = base_url or llm.base_url
         self.concurrent_tasks = max(1, concurrent_tasks)
-        self.limiter = AdaptiveLimiter(llm.max_in_flight_per_task)
-        self.rpm, self.tpm = per_task_buckets(llm.requests_per_minute, llm.tokens_per_minute, self.concurrent_tasks)
+        self.budget = task_budget(llm, self.concurrent_tasks, coordinator)
         self._wait = BackoffWait(llm.backoff_initial_s, llm.backoff_max_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: openai.AsyncOpenAI | None = None
@@ -371,7 +376,13 @@ class LLMClient:
             self._client = make_openai_client(self.llm, self._secret or PLACEHOLDER_KEY, self.base_url)
         return self._client
 
+    @property
+    def limiter(self) -> AdaptiveLimiter:
+        return self.budget.limiter
+
     def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.run_until_complete(self.budget.aclose())  # leased allowance goes back to the driver
         if self._client is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.run_until_complete(self._client.close())
         self._client = None
@@ -553,13 +564,8 @@ class LLMClient:
         return completion
 
     async def _attempt(self, call: str, body: dict[str, Any], estimate: int, state: _RowState) -> _Completion:
-        # The slot first, then the budget: a request holding budget must be able to go at once.
-        epoch = await self.limiter.acquire()
+        ticket = await self.budget.acquire(estimate)  # a slot, then the budget
         try:
-            if self.rpm is not None:
-                await self.rpm.acquire(1)
-            if self.tpm is not None:
-                await self.tpm.acquire(estimate)
             state.attempts += 1
             try:
                 # The client's generic post (documented for endpoints it has no method for) sends the
@@ -569,23 +575,17 @@ class LLMClient:
                     "/chat/completions", body=body, cast_to=ChatCompletion, options={"headers": {CALL_HEADER: call}}
                 )
             except openai.RateLimitError:
-                self.limiter.on_overload(epoch)
-                if self.tpm is not None:
-                    self.tpm.refund(estimate)
+                self.budget.unused(ticket, estimate)
+                await self.budget.overloaded(ticket)
                 raise
             except Exception:
-                if self.tpm is not None:
-                    self.tpm.refund(estimate)
+                self.budget.unused(ticket, estimate)
                 raise
-            self.limiter.on_success()
+            self.budget.succeeded(ticket)
         finally:
-            self.limiter.release()
+            self.budget.release()
         usage = response.usage
-        if self.tpm is not None and usage is not None:
-            used = (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
-            if used <= estimate:
-                self.tpm.refund(estimate - used)
-            else:
-                self.tpm.charge(used - estimate)
+        if usage is not None:
+            self.budget.settle(ticket, estimate, (usage.prompt_tokens or 0) + (usage.completion_tokens or 0))
         state.model = body["model"]
         return _take_completion(response, state)

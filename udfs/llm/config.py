@@ -65,8 +65,13 @@ class LLMConfig:
     azure_deployment: str | None = None  # Azure OpenAI only; None: the stage's model names the deployment
     timeout_s: float = 120.0
     max_in_flight_per_task: int = 32
-    requests_per_minute: int | None = None  # cluster-wide, split across concurrently running tasks
+    requests_per_minute: int | None = None  # cluster-wide (see rate_coordinator)
     tokens_per_minute: int | None = None
+    # With a budget above: True, tasks lease it from a coordinator the step starts on the driver (one
+    # budget and one AIMD window for the whole cluster, udfs/llm/coordinator.py); False, or when a task
+    # cannot reach it, each task keeps 1/N of the budget for the whole stage (N: tasks that run at once).
+    rate_coordinator: bool = True
+    rate_lease_block: int = 4  # requests a task leases at once (never more than a second of the budget)
     max_attempts: int = 6
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
@@ -81,7 +86,7 @@ class LLMConfig:
 
     def __post_init__(self) -> None:
         positive(self, "timeout_s")
-        at_least(self, 1, "max_in_flight_per_task", "max_attempts")
+        at_least(self, 1, "max_in_flight_per_task", "max_attempts", "rate_lease_block")
         positive(self, "backoff_initial_s")
         require(self, "backoff_max_s", self.backoff_max_s >= self.backoff_initial_s,
                 f"must be >= backoff_initial_s={self.backoff_initial_s}")

@@ -1,5 +1,7 @@
 """Per-task flow control for LLM calls: an AIMD concurrency limiter and token buckets for the
-requests-per-minute and tokens-per-minute budgets. Pure asyncio, one event loop per task."""
+requests-per-minute and tokens-per-minute budgets, and `StaticBudget`, which puts them together as
+one task's static share of the cluster-wide budgets. Pure asyncio, one event loop per task. The
+cluster-wide alternative, leased from the driver, is udfs/llm/coordinator.py."""
 
 from __future__ import annotations
 
@@ -79,6 +81,11 @@ class AdaptiveLimiter:
                 self.in_flight += 1
                 waiter.set_result(None)
 
+    def set_limit(self, limit: float) -> None:
+        """Take a window decided elsewhere (the rate coordinator's share for this task)."""
+        self.limit = float(min(max(limit, self.minimum), self.maximum))
+        self._wake()
+
     def on_success(self) -> None:
         self.overload_share *= 1.0 - self.smoothing
         self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
@@ -153,3 +160,60 @@ def per_task_buckets(
         rate = tokens_per_minute / 60.0 / tasks
         tpm = TokenBucket(rate, max(1.0, rate))
     return rpm, tpm
+
+
+class StaticBudget:
+    """One task's static share of the budgets: `per_task_buckets` and its own AIMD window.
+
+    The interface LLMClient sends through (udfs/llm/coordinator.py's CoordinatedBudget has the same
+    one): `acquire` a slot and the budget for one request (its tokens estimated up front), then
+    `succeeded` or `overloaded` (a 429) with the ticket it returned, `unused` for tokens a failed
+    request did not spend, `settle` once the real usage is known, and `release` the slot.
+    """
+
+    def __init__(self, max_in_flight: int, requests_per_minute: int | None, tokens_per_minute: int | None,
+                 concurrent_tasks: int, *, limiter: AdaptiveLimiter | None = None):
+        self.limiter = limiter or AdaptiveLimiter(max_in_flight)
+        self.rpm, self.tpm = per_task_buckets(requests_per_minute, tokens_per_minute, concurrent_tasks)
+
+    async def acquire(self, estimate: int) -> int:
+        """Wait for a slot, then for the budget (a request holding budget must be able to go at
+        once); returns the limiter's epoch as the ticket."""
+        epoch = await self.limiter.acquire()
+        try:
+            await self.take(estimate)
+        except BaseException:
+            self.limiter.release()
+            raise
+        return epoch
+
+    async def take(self, estimate: int) -> None:
+        """The budget alone, for a request that already holds its slot."""
+        if self.rpm is not None:
+            await self.rpm.acquire(1)
+        if self.tpm is not None:
+            await self.tpm.acquire(estimate)
+
+    def succeeded(self, ticket: int) -> None:
+        self.limiter.on_success()
+
+    async def overloaded(self, ticket: int) -> None:
+        self.limiter.on_overload(ticket)
+
+    def unused(self, ticket: int, estimate: int) -> None:
+        if self.tpm is not None:
+            self.tpm.refund(estimate)
+
+    def settle(self, ticket: int, estimate: int, used: int) -> None:
+        if self.tpm is None:
+            return
+        if used <= estimate:
+            self.tpm.refund(estimate - used)
+        else:
+            self.tpm.charge(used - estimate)
+
+    def release(self) -> None:
+        self.limiter.release()
+
+    async def aclose(self) -> None:
+        """Nothing to hand back: the share was this task's alone."""
