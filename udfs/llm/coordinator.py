@@ -59,13 +59,16 @@ _WARNED: set[str] = set()  # coordinator URLs this process has already said it c
 
 class _Allowance:
     """One budget: a bucket refilling at `per_minute / 60` per second holding at most `capacity`,
-    and the grants of the last `window_s` seconds, which never sum above the window's share."""
+    and the grants of the last `window_s` seconds, which never sum above the window's share. A grant
+    stays in the log `grace_s` longer than the window: the time it may take to reach the server, so
+    that a server counting the same window from its arrivals never sees the grant before it too."""
 
-    def __init__(self, per_minute: float, capacity: float, window_s: float, clock: Callable[[], float]):
+    def __init__(self, per_minute: float, capacity: float, window_s: float, clock: Callable[[], float],
+                 grace_s: float = 0.0):
         self.rate = per_minute / 60.0
         self.capacity = max(1.0, capacity)
         self.limit = per_minute * window_s / 60.0
-        self.window_s, self.clock = window_s, clock
+        self.window_s, self.clock = window_s + grace_s, clock
         self.level = self.capacity
         self.stamp = clock()
         self.granted: deque[list[float]] = deque()  # [time, amount], oldest first
@@ -128,16 +131,16 @@ class RateCoordinator:
 
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None, *,
                  max_in_flight_per_task: int = 32, max_tasks: int = 1, lease_block: int = 4,
-                 window_s: float = 10.0, host: str = "127.0.0.1", port: int = 0, idle_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 window_s: float = 10.0, grace_s: float = 0.25, host: str = "127.0.0.1", port: int = 0,
+                 idle_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
         if not requests_per_minute and not tokens_per_minute:
             raise ValueError("a rate coordinator needs requests_per_minute or tokens_per_minute")
         if lease_block < 1 or max_tasks < 1 or max_in_flight_per_task < 1:
             raise ValueError(f"lease_block={lease_block}, max_tasks={max_tasks} and "
                              f"max_in_flight_per_task={max_in_flight_per_task} must be >= 1")
-        self.requests = (_Allowance(requests_per_minute, min(lease_block, requests_per_minute / 60.0), window_s, clock)
-                         if requests_per_minute else None)
-        self.tokens = (_Allowance(tokens_per_minute, tokens_per_minute / 60.0, window_s, clock)
+        self.requests = (_Allowance(requests_per_minute, min(lease_block, requests_per_minute / 60.0), window_s,
+                                    clock, grace_s) if requests_per_minute else None)
+        self.tokens = (_Allowance(tokens_per_minute, tokens_per_minute / 60.0, window_s, clock, grace_s)
                        if tokens_per_minute else None)
         self.window = AdaptiveLimiter(max_in_flight_per_task * max_tasks)
         self.per_task, self.block, self.idle_s, self.clock = max_in_flight_per_task, lease_block, idle_s, clock

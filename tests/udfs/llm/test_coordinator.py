@@ -68,7 +68,7 @@ def test_no_10_second_window_gets_more_than_its_share_of_the_budget():
 
 def test_returned_allowance_is_granted_again_and_leaves_the_window():
     clock = Clock()
-    coordinator = RateCoordinator(240, None, lease_block=4, window_s=10.0, clock=clock)  # 4/s, 40 per window
+    coordinator = RateCoordinator(240, None, lease_block=4, window_s=10.0, grace_s=0.0, clock=clock)  # 40 per 10 s
     for _ in range(10):
         assert lease(coordinator, 4)["requests"] == 4
         clock.now += 1.0
@@ -268,8 +268,7 @@ def test_a_long_task_uses_what_a_short_one_left_and_the_server_sees_the_budget(f
     times = sorted(r.received_at for r in fake_llm.requests)
     assert len(times) == 50
     assert seconds < 6.5  # the static split would give the long task 5/s: 9 s
-    # A second's share and a block (the bucket), and one for the milliseconds between a grant and its arrival.
-    assert max(sum(1 for t in times if s <= t < s + 1.0) for s in times) <= 10 + 4 + 1
+    assert (len(times) - 4) / (times[-1] - times[0]) <= 10 * 1.05  # the cluster's rate, after one block's burst
 
 
 def test_the_coordinator_stopping_mid_stage_leaves_every_row_answered(fake_llm, caplog):
