@@ -11,17 +11,22 @@ and never fails the batch.
 With `intents`, each batch first hands what it is about to ask to that function (one dict per row
 that will be sent: the `note` columns, model, prompt and an estimate of its prompt tokens), before
 any request leaves: a task killed mid-call leaves a trace of the calls it may have paid for.
+
+With an RPM/TPM budget, run the stage inside `rate_coordinator(spark, llm)` and pass its URL as
+`coordinator=`: tasks then lease one cluster-wide budget from the driver instead of each keeping
+1/concurrent_tasks of it (udfs/llm/coordinator.py).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
 from pyspark import TaskContext
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     BooleanType,
@@ -35,6 +40,7 @@ from pyspark.sql.types import (
 
 from udfs.llm.client import RESULT_FIELDS, CallSpec, LLMClient, LLMRequest, estimate_prompt_tokens
 from udfs.llm.config import LLMConfig, StageLLMConfig
+from udfs.llm.coordinator import RateCoordinator
 from udfs.llm.prompts import Prompt, load_prompt
 from udfs.llm.schemas import schema_for
 from udfs.llm.structured import check_schema
@@ -72,6 +78,34 @@ def concurrent_tasks(df: DataFrame) -> int:
     The RPM/TPM budgets are divided by this, so give the DataFrame the UDF will run on."""
     partitions = df.rdd.getNumPartitions()
     return max(1, min(partitions, df.sparkSession.sparkContext.defaultParallelism))
+
+
+@contextmanager
+def rate_coordinator(spark: SparkSession, llm: LLMConfig, name: str = "llm") -> Iterator[str | None]:
+    """A rate coordinator on the driver for the stages run inside, at an address the executors
+    reach (`spark.driver.host`; 127.0.0.1 in local mode), a random port; yields its URL for
+    `llm_udf(coordinator=...)`. None when there is no budget to share or `llm.rate_coordinator` is
+    off: tasks keep the static split."""
+    if not llm.rate_coordinator or not (llm.requests_per_minute or llm.tokens_per_minute):
+        yield None
+        return
+    context = spark.sparkContext
+    conf = context.getConf()
+    local = context.master.startswith("local")
+    host = "127.0.0.1" if local else conf.get("spark.driver.host", "127.0.0.1")
+    coordinator = RateCoordinator(
+        llm.requests_per_minute, llm.tokens_per_minute, max_in_flight_per_task=llm.max_in_flight_per_task,
+        max_tasks=max(1, context.defaultParallelism), lease_block=llm.rate_lease_block,
+        host=host if local else conf.get("spark.driver.bindAddress", host),
+    ).start()
+    url = f"http://{host}:{coordinator.port}"
+    log.info("%s: rate coordinator at %s (requests_per_minute=%s tokens_per_minute=%s)", name, url,
+             llm.requests_per_minute, llm.tokens_per_minute)
+    try:
+        yield url
+    finally:
+        coordinator.stop()
+        log.info("%s: rate coordinator stopped: %s", name, coordinator.stats())
 
 
 def results_frame(results: list[dict[str, Any]]) -> pd.DataFrame:
@@ -132,6 +166,7 @@ def llm_udf(
     concurrent_tasks: int = 1,
     base_url: str | Sequence[str] | None = None,
     intents: Callable[[list[dict[str, Any]]], None] | None = None,
+    coordinator: str | None = None,
 ) -> Callable[..., Column]:
     """A function `(*columns, seed=None, note=()) -> Column` that calls the LLM once per row.
 
@@ -141,7 +176,7 @@ def llm_udf(
     `base_url` overrides llm.base_url: the embedded endpoint's address, or a list of addresses
     (several embedded servers), one per task by partition id. `intents` (shipped to the tasks, so
     picklable) gets each batch's `intents_of` before its first request is sent, with the columns
-    named in `note`.
+    named in `note`. `coordinator`: the URL `rate_coordinator` yielded (None: the static split).
     """
     template = prompt if isinstance(prompt, Prompt) else load_prompt(prompt)
     if schema is _FROM_REGISTRY:
@@ -157,7 +192,7 @@ def llm_udf(
 
     @F.pandas_udf(LLM_RESULT)  # type: ignore[call-overload]
     def call_llm(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        client = LLMClient(llm, concurrent_tasks=tasks, base_url=_pick(urls))
+        client = LLMClient(llm, concurrent_tasks=tasks, base_url=_pick(urls), coordinator=coordinator)
         try:
             for batch in batches:
                 records = batch.to_dict("records")

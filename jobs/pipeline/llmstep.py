@@ -43,7 +43,7 @@ from jobs.pipeline.stage import LLMCall, StageContext
 from jobs.storage.delta import append_missing, get_storage
 from udfs.llm.config import StageLLMConfig
 from udfs.llm.prompts import load_prompt
-from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf
+from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf, rate_coordinator
 
 log = logging.getLogger(__name__)
 
@@ -225,32 +225,34 @@ class _Step:
         chunked = self.with_attempts(todo).withColumn(_CHUNK, F.pmod(F.xxhash64(key, F.lit("chunk")), F.lit(chunks)))
         kwargs = {} if call.schema is None else {"schema": call.schema(cfg)}
         self.progress.start_call(call.prompt, chunks, rows)
-        for index in range(chunks):
-            self.progress.chunk(index + 1)
-            part = plan_partitions(chunked.filter(F.col(_CHUNK) == index).drop(_CHUNK), key, cfg)
-            if call.sort_within:
-                part = part.sortWithinPartitions(*call.sort_within)  # e.g. one subject's questions together
-            intents = spool.intents(key)
-            ask_llm = llm_udf(call.prompt, cfg.llm, self.llm, concurrent_tasks=concurrent_tasks(part),
-                              base_url=list(cfg.llm.base_urls) or cfg.llm.base_url, intents=intents, **kwargs)
-            # The LLM is called here and nowhere else: each task notes its calls, then spools their results
-            # as they come; both writes below read the spool, and the files go only once both are committed.
-            values = call.constants(cfg) if call.constants else {}
-            constants = [F.lit(value).alias(name) for name, value in values.items()]
-            called = part.withColumn(RESULT, ask_llm(*call.inputs, *constants, seed=self.seed(),
-                                                     note=list(dict.fromkeys([key, "discipline_id"]))))
-            files = spool.write(called.select(*self.spooled_schema.fieldNames()), intents)
-            results = spool.read(files, self.spooled_schema, key, is_failure(F.col(RESULT)))
-            self.commit(results)
-            self.charge(results)
-            retried = spool.unanswered(intents, files)
-            if retried is not None:  # task attempts that sent calls and died before spooling; Spark ran them again
-                record_in_flight(self.spark, retried, self.stage, self.llm, cfg)
-            spool.remove(files, intents=intents)
-            log.info("%s: chunk %d/%d committed (%d rows so far)", self.stage, index + 1, chunks,
-                     self.result.rows_written)
-            if self.budget is not None:
-                self.budget.check_running(self.stage)  # committed first: the next run asks only for the rest
+        with rate_coordinator(self.spark, cfg.llm, self.stage) as coordinator:  # one budget for every chunk
+            for index in range(chunks):
+                self.progress.chunk(index + 1)
+                part = plan_partitions(chunked.filter(F.col(_CHUNK) == index).drop(_CHUNK), key, cfg)
+                if call.sort_within:
+                    part = part.sortWithinPartitions(*call.sort_within)  # e.g. one subject's questions together
+                intents = spool.intents(key)
+                ask_llm = llm_udf(call.prompt, cfg.llm, self.llm, concurrent_tasks=concurrent_tasks(part),
+                                  base_url=list(cfg.llm.base_urls) or cfg.llm.base_url, intents=intents,
+                                  coordinator=coordinator, **kwargs)
+                # The LLM is called here and nowhere else: each task notes its calls, then spools their results
+                # as they come; both writes below read the spool, and the files go only once both are committed.
+                values = call.constants(cfg) if call.constants else {}
+                constants = [F.lit(value).alias(name) for name, value in values.items()]
+                called = part.withColumn(RESULT, ask_llm(*call.inputs, *constants, seed=self.seed(),
+                                                         note=list(dict.fromkeys([key, "discipline_id"]))))
+                files = spool.write(called.select(*self.spooled_schema.fieldNames()), intents)
+                results = spool.read(files, self.spooled_schema, key, is_failure(F.col(RESULT)))
+                self.commit(results)
+                self.charge(results)
+                retried = spool.unanswered(intents, files)
+                if retried is not None:  # task attempts that sent calls and died before spooling; Spark ran them again
+                    record_in_flight(self.spark, retried, self.stage, self.llm, cfg)
+                spool.remove(files, intents=intents)
+                log.info("%s: chunk %d/%d committed (%d rows so far)", self.stage, index + 1, chunks,
+                         self.result.rows_written)
+                if self.budget is not None:
+                    self.budget.check_running(self.stage)  # committed first: the next run asks only for the rest
 
     def with_attempts(self, todo: DataFrame) -> DataFrame:
         """`todo` with `_attempt`: how often each row was answered and failed before (its rows in

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import httpx2
+import pytest
 from pyspark.sql import functions as F
 
 from udfs.llm.config import LLMConfig, StageLLMConfig
-from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf
+from udfs.llm_udf import LLM_RESULT, concurrent_tasks, llm_udf, rate_coordinator
 from udfs.llm.prompts import load_prompt
 from tests.support import TEST_PROMPTS, items_schema
 
@@ -98,3 +100,62 @@ def test_intents_are_noted_before_any_request_and_notes_never_reach_the_prompt(s
         messages = request.body["messages"]
         assert intent["prompt_tokens"] == sum(len(m["content"]) for m in messages) // 4 + 8 * len(messages)  # estimated
         assert "k1" not in request.text and "d1" not in request.text  # notes are no template variables
+
+
+# -- one rate budget for the cluster (udfs/llm/coordinator.py) ------------------------------------
+
+
+def skewed(spark, sizes: list[int]):
+    """One partition per entry of `sizes`, holding that many rows: a stage whose first task is long."""
+    rows = spark.sparkContext.parallelize(range(len(sizes)), len(sizes)).flatMap(
+        lambda part: [(part, i, f"[p{part}-{i}]") for i in range(sizes[part])])
+    return spark.createDataFrame(rows, "part INT, row INT, topic STRING")
+
+
+def ask_skewed(spark, llm: LLMConfig, sizes: list[int], coordinator: str | None) -> list:
+    df = skewed(spark, sizes)
+    assert concurrent_tasks(df) == 2  # local[2]: the static split gives each task half the budget
+    ask = llm_udf(load_prompt("echo_topic", TEST_PROMPTS), llm, StageLLMConfig(model="m"),
+                  concurrent_tasks=concurrent_tasks(df), coordinator=coordinator)
+    return df.select("part", ask("topic").alias("r")).select("part", "r.error_class").collect()
+
+
+def test_rate_coordinator_starts_only_for_a_budget_to_share_and_stops_after(spark, fake_llm):
+    with rate_coordinator(spark, llm_for(fake_llm)) as url:
+        assert url is None  # no budget: nothing to coordinate
+    with rate_coordinator(spark, llm_for(fake_llm, requests_per_minute=60, rate_coordinator=False)) as url:
+        assert url is None  # the static split, as asked
+    with rate_coordinator(spark, llm_for(fake_llm, requests_per_minute=60)) as url:
+        assert url.startswith("http://127.0.0.1:")
+        assert httpx2.post(f"{url}/lease", json={"client": "t", "requests": 1}).json()["requests"] == 1
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.post(f"{url}/lease", json={"client": "t", "requests": 1})
+
+
+@pytest.mark.slow
+def test_a_skewed_stage_under_a_cluster_budget_stays_within_it_in_every_10_second_window(spark, fake_llm):
+    # 180 requests a minute: 30 per 10 s. The long task holds 84 of 96 rows; under the static split it
+    # would keep half the budget once the short ones are done (84 / 1.5 per second: 56 s).
+    fake_llm.latency_ms = 50
+    llm = llm_for(fake_llm, requests_per_minute=180)
+    with rate_coordinator(spark, llm) as url:
+        rows = ask_skewed(spark, llm, [84, 4, 4, 4], url)
+    assert len(rows) == 96 and all(r["error_class"] is None for r in rows)
+    times = sorted(r.received_at for r in fake_llm.requests)
+    assert len(times) == 96
+    block = min(llm.rate_lease_block, 180 // 60)
+    worst = max(sum(1 for t in times if start <= t < start + 10.0) for start in times)
+    assert worst <= 30 + block, worst
+    assert times[-1] - times[0] < 40.0  # the long task had the whole budget once it ran alone (96 / 3: 32 s)
+
+
+@pytest.mark.slow
+def test_with_the_coordinator_down_tasks_keep_the_static_split_and_answer_every_row(spark, fake_llm):
+    llm = llm_for(fake_llm, requests_per_minute=600)
+    with rate_coordinator(spark, llm) as url:
+        pass  # stopped: nothing listens there any more
+    rows = ask_skewed(spark, llm, [30, 3, 3, 3], url)
+    assert len(rows) == 39 and all(r["error_class"] is None for r in rows)
+    times = sorted(r.received_at for r in fake_llm.requests)
+    assert len(times) == 39
+    assert times[-1] - times[0] >= (30 - 5) / 5.0 * 0.9  # the long task kept its half: 5 a second

@@ -3,6 +3,7 @@ raise: truncated outputs are never kept, so a low cap silently drops the longest
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 
 import pyarrow as pa
@@ -11,6 +12,7 @@ import pytest
 from jobs.pipeline.llmstep import TRUNCATED, run_llm_step
 from jobs.pipeline.results import record_in_flight
 from jobs.storage.delta import get_storage
+from udfs import llm_udf as llm_udf_module
 from tests.jobs.pipeline.test_spool import TEST_CALL, _key, make_cfg, questions  # noqa: F401 - _key is an autouse fixture
 
 pytest_plugins = ["tests.fake_llm_fixture"]
@@ -82,3 +84,27 @@ def test_a_call_lost_in_flight_is_asked_again_with_its_first_seed(spark, fake_ll
     run_llm_step(todo, TEST_CALL, stage="test", cfg=cfg)
     assert sorted(r.body["seed"] for r in fake_llm.requests) == first
     assert get_storage(spark, cfg).read("failed_calls").count() == 2  # still on record for glan cost
+
+
+@pytest.mark.slow
+def test_a_step_with_a_budget_leases_it_from_one_coordinator_for_all_its_chunks(spark, fake_llm, tmp_path,
+                                                                                  monkeypatch):
+    started = []
+
+    class Recorded(llm_udf_module.RateCoordinator):
+        def start(self):
+            started.append(self)
+            return super().start()
+
+    monkeypatch.setattr(llm_udf_module, "RateCoordinator", Recorded)
+    cfg = make_cfg(tmp_path, fake_llm.url)
+    cfg = replace(cfg, llm=replace(cfg.llm, requests_per_minute=6000),
+                  pipeline=replace(cfg.pipeline, commit_every_rows=3))
+    result = run_llm_step(questions(spark, 6), TEST_CALL, stage="test", cfg=cfg)
+    assert result.rows_written == 6
+    (coordinator,) = started  # one for the step, across its chunks
+    stats = coordinator.stats()
+    assert stats["granted_requests"] - stats.get("returned_requests", 0) == fake_llm.count() == 6
+    assert stats["clients"] == 0  # every task said bye
+    with pytest.raises(OSError):  # stopped once the step ended
+        socket.create_connection(("127.0.0.1", coordinator.port), timeout=1).close()
