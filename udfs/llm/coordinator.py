@@ -131,7 +131,7 @@ class RateCoordinator:
 
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None, *,
                  max_in_flight_per_task: int = 32, max_tasks: int = 1, lease_block: int = 4,
-                 window_s: float = 10.0, grace_s: float = 0.25, host: str = "127.0.0.1", port: int = 0,
+                 window_s: float = 10.0, grace_s: float = 0.5, host: str = "127.0.0.1", port: int = 0,
                  idle_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
         if not requests_per_minute and not tokens_per_minute:
             raise ValueError("a rate coordinator needs requests_per_minute or tokens_per_minute")
