@@ -146,7 +146,7 @@ def test_a_skewed_stage_under_a_cluster_budget_stays_within_it_in_every_10_secon
     block = min(llm.rate_lease_block, 180 // 60)
     worst = max(sum(1 for t in times if start <= t < start + 10.0) for start in times)
     assert worst <= 30 + block, worst
-    assert times[-1] - times[0] < 40.0  # the long task had the whole budget once it ran alone (96 / 3: 32 s)
+    assert times[-1] - times[0] < 45.0  # the long task had the whole budget once it ran alone (about 34 s; static: 56 s)
 
 
 @pytest.mark.slow

@@ -267,7 +267,7 @@ def test_a_long_task_uses_what_a_short_one_left_and_the_server_sees_the_budget(f
     assert all(r["error_class"] is None for rows in results.values() for r in rows)
     times = sorted(r.received_at for r in fake_llm.requests)
     assert len(times) == 50
-    assert seconds < 6.5  # the static split would give the long task 5/s: 9 s
+    assert seconds < 7.5  # the static split would give the long task 5/s: 9 s
     assert (len(times) - 4) / (times[-1] - times[0]) <= 10 * 1.05  # the cluster's rate, after one block's burst
 
 
