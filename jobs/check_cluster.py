@@ -1,5 +1,7 @@
 """Check that a cluster can run glan-spark: the driver and every executor import the package and
-its dependencies, and the storage backend is chosen. Prints one JSON line per check.
+its dependencies, the storage backend is chosen, and (on a cluster, not in local mode) the executors
+see the run root, reach a loopback or embedded LLM endpoint and have the API key's variable, as
+every stage checks before it starts (jobs/spark/cluster.py). Prints one JSON line per check.
 Run: spark-submit --py-files dist/glan_spark-<version>-pyfiles.zip jobs/check_cluster.py --conf conf/emr.yaml
 """
 
@@ -14,6 +16,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from jobs.cli.args import add_config_args, config_from_args
+from jobs.pipeline.stage import stages
+from jobs.spark.cluster import executor_problems, is_local_master
 from jobs.spark.session import get_spark
 from jobs.storage.delta import get_storage
 
@@ -44,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(json.dumps({"check": "executor", **json.loads(row["r"])}))
     missing = [r for r in rows if "MISSING" in r["r"]]
-    return 1 if missing else 0
+    problems = [] if is_local_master(spark.sparkContext.master) else executor_problems(spark, cfg, stages())
+    for problem in problems:
+        print(json.dumps({"check": "cluster", "problem": problem}))
+    return 1 if missing or problems else 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from jobs.pipeline.progress import Progress, ProgressLine
 from jobs.pipeline.slices import split_names
 from jobs.pipeline.stage import Stage, StageContext, select
 from jobs.pipeline.stage import stages as all_stages
+from jobs.spark.cluster import check_executors
 from jobs.spark.session import get_spark
 from udfs.servers.embedded import embedded_endpoint
 
@@ -38,6 +39,7 @@ def run_pipeline(cfg: GlanConfig, stages: Sequence[str] | None = None, disciplin
             stage.check(cfg)
     spark = get_spark("glan-run", master=cfg.spark.master, shuffle_partitions=cfg.spark.shuffle_partitions,
                       run_root=cfg.run_root, extra_conf=cfg.spark.conf)
+    check_executors(spark, cfg, chosen)  # on a cluster: the run root, the endpoint and the key, seen from the executors
     started = time.monotonic()
     failed: dict[str, int] = {}
     asked = 0
