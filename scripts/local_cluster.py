@@ -79,7 +79,7 @@ def make_worker_venv(target: Path, source: Path = VENV) -> Path:
     python."""
     python = target / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True)
+        subprocess.run([str(source / "bin" / "python"), "-m", "venv", "--without-pip", str(target)], check=True)
     deps = subprocess.run([str(source / "bin" / "python"), "-c",
                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
