@@ -181,6 +181,7 @@ def test_every_stage_runs_through_spark_submit_on_the_cluster_and_glan_sql_reads
     assert all(f"[{name}] done" in run.procs[name].stdout for name in run.procs if name != "taxonomy")
     assert '"disciplines": 2' in run.procs["taxonomy"].stdout
     print("seconds per stage:", {name: round(s) for name, s in run.seconds.items()})
+    assert (run.run_root / "_cluster").is_dir()  # where each stage's check of its executors left its marker
     # Each stage's executors got the project as the zip, in their work directories on the workers.
     shipped = list(run.cluster_dir.glob("worker-*/app-*/*/glan_spark-*-pyfiles.zip"))
     assert len({p.parent.parent.name for p in shipped}) >= len(run.procs) - 1  # all but the taxonomy's (no tasks)
