@@ -21,12 +21,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from udfs.llm.batch import batch_model, batch_url, request_line
-from udfs.llm.client import BatchAnswer, CallSpec, LLMClient, LLMRequest, chat_body, request_seed
+from udfs.llm.client import BatchAnswer, LLMClient, LLMRequest, chat_body, request_seed
 from udfs.llm.config import LLMConfig, StageLLMConfig
-from udfs.llm.prompts import load_prompt
-from udfs.llm.schemas import schema_for
-from udfs.llm.structured import check_schema
-from udfs.llm_udf import LLM_RESULT, SEED_FIELD, build_requests, results_frame
+from udfs.llm_udf import FROM_REGISTRY, LLM_RESULT, SEED_FIELD, build_requests, call_spec, results_frame
 
 REQUEST = StructType([
     StructField("line", StringType()),  # the request as one JSONL line; null: the prompt did not render
@@ -34,22 +31,10 @@ REQUEST = StructType([
     StructField("error", StringType()),  # why the prompt did not render
 ])
 _CUSTOM_ID = "_custom_id"
-_FROM_REGISTRY: Any = object()
-
-
-def call_spec(prompt: str, stage: StageLLMConfig, schema: dict[str, Any] | None = _FROM_REGISTRY) -> CallSpec:
-    """The call as the online UDF builds it: template, settings, schema (checked here, on the driver)."""
-    template = load_prompt(prompt)
-    if schema is _FROM_REGISTRY:
-        schema = schema_for(template.name)
-    if schema is not None:
-        check_schema(schema, template.name)
-    return CallSpec(prompt=template, stage=stage, schema=schema,
-                    repair_prompt=load_prompt("repair") if schema is not None else None)
 
 
 def render_udf(prompt: str, llm: LLMConfig, stage: StageLLMConfig, *,
-               schema: dict[str, Any] | None = _FROM_REGISTRY) -> Callable[..., Column]:
+               schema: dict[str, Any] | None = FROM_REGISTRY) -> Callable[..., Column]:
     """A function `(*columns, seed, custom_id) -> Column` of REQUEST structs: each row's request
     line with the body the online call sends (messages, model, temperature, top_p, max_tokens, seed,
     response_format), and its `custom_id` (the row key)."""
@@ -86,7 +71,7 @@ def render_udf(prompt: str, llm: LLMConfig, stage: StageLLMConfig, *,
 
 
 def finish_udf(prompt: str, llm: LLMConfig, stage: StageLLMConfig, *,
-               schema: dict[str, Any] | None = _FROM_REGISTRY) -> Callable[..., Column]:
+               schema: dict[str, Any] | None = FROM_REGISTRY) -> Callable[..., Column]:
     """A function `(status_code, body, message, seed, batch_id, latency_s) -> Column` of LLM_RESULT
     structs: each answered line checked as an online answer is (truncation, empty text, schema,
     one repair call, sent online), with the usage the provider reported."""

@@ -70,7 +70,7 @@ assert tuple(LLM_RESULT.fieldNames()) == RESULT_FIELDS
 
 SEED_FIELD = "_seed"
 NOTE_PREFIX = "_note_"  # columns carried to `intents`, not to the template
-_FROM_REGISTRY: Any = object()
+FROM_REGISTRY: Any = object()  # schema=: the prompt's entry in udfs/llm/schemas.py
 
 
 def concurrent_tasks(df: DataFrame) -> int:
@@ -157,12 +157,25 @@ def _pick(urls: list[str]) -> str | None:
     return urls[(context.partitionId() if context is not None else 0) % len(urls)]
 
 
+def call_spec(prompt: str | Prompt, stage: StageLLMConfig, schema: dict[str, Any] | None = FROM_REGISTRY) -> CallSpec:
+    """The call a UDF makes: template, settings, schema (default: the prompt's entry in
+    udfs/llm/schemas.py), read and checked here, on the driver: a broken schema fails here, not in
+    every row."""
+    template = prompt if isinstance(prompt, Prompt) else load_prompt(prompt)
+    if schema is FROM_REGISTRY:
+        schema = schema_for(template.name)
+    if schema is not None:
+        check_schema(schema, template.name)
+    return CallSpec(prompt=template, stage=stage, schema=schema,
+                    repair_prompt=load_prompt("repair") if schema is not None else None)
+
+
 def llm_udf(
     prompt: str | Prompt,
     llm: LLMConfig,
     stage: StageLLMConfig,
     *,
-    schema: dict[str, Any] | None = _FROM_REGISTRY,
+    schema: dict[str, Any] | None = FROM_REGISTRY,
     concurrent_tasks: int = 1,
     base_url: str | Sequence[str] | None = None,
     intents: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -178,15 +191,8 @@ def llm_udf(
     picklable) gets each batch's `intents_of` before its first request is sent, with the columns
     named in `note`. `coordinator`: the URL `rate_coordinator` yielded (None: the static split).
     """
-    template = prompt if isinstance(prompt, Prompt) else load_prompt(prompt)
-    if schema is _FROM_REGISTRY:
-        schema = schema_for(template.name)
-    if schema is not None:
-        check_schema(schema, template.name)  # on the driver: a broken schema fails here, not in every row
-    spec = CallSpec(
-        prompt=template, stage=stage, schema=schema,
-        repair_prompt=load_prompt("repair") if schema is not None else None,
-    )
+    spec = call_spec(prompt, stage, schema)
+    template = spec.prompt
     tasks = max(1, concurrent_tasks)
     urls = [base_url] if isinstance(base_url, str) else list(base_url or [])
 
