@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from pyspark.sql import functions as F  # noqa: E402
 from pyspark.sql.types import LongType  # noqa: E402
 
+from bench.llm_throughput import server_stats, start_server, stop_server  # noqa: E402
 from jobs.spark.session import get_spark  # noqa: E402
 from udfs.llm.config import LLMConfig, StageLLMConfig  # noqa: E402
 from udfs.llm.prompts import load_prompt  # noqa: E402
@@ -100,29 +99,6 @@ def run_stage(spark, url: str, mode: str, rpm: int, sizes: list[int], in_flight:
 # -- the test server -----------------------------------------------------------------------------------
 
 
-def start_server(rpm: int, inject_429: float, latency_ms: float) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "udfs.servers.fake_llm", "--port", "0", "--no-record", "--latency-ms", f"{latency_ms:g}",
-         "--rate-limit-rpm", str(rpm), "--rate-limit-window-s", "10", "--rate-429", f"{inject_429:g}",
-         "--retry-after", "1", "--seed", "16"],
-        stdout=subprocess.PIPE, text=True, cwd=REPO,
-    )
-    line = process.stdout.readline()
-    if not line.startswith("fake-llm listening on "):
-        raise RuntimeError(f"fake server did not start: {line!r}")
-    return process, line.split()[-1]
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    process.wait(10)
-
-
-def server_stats(url: str) -> dict:
-    with urllib.request.urlopen(url.removesuffix("/v1") + "/stats", timeout=10) as response:
-        return json.load(response)
-
-
 def figures(stats: dict, rpm: int) -> dict:
     """What the server saw: requests answered 200 per minute from its first request to its last,
     over the budget; the worst 10 consecutive seconds; 429s injected and beyond the budget."""
@@ -156,7 +132,9 @@ def measure(args: argparse.Namespace, run) -> dict[str, dict]:
     """Each mode against a fresh test server: the stage's own figures and the server's."""
     results = {}
     for mode in MODES:
-        server, url = start_server(args.rpm, args.inject_429, args.latency_ms)
+        server, url = start_server("--latency-ms", f"{args.latency_ms:g}", "--rate-limit-rpm", str(args.rpm),
+                                   "--rate-limit-window-s", "10", "--rate-429", f"{args.inject_429:g}",
+                                   "--retry-after", "1", "--seed", "16")
         try:
             result = run(mode, url)
             result.update(figures(server_stats(url), args.rpm))
