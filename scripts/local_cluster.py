@@ -35,6 +35,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv"
+sys.path.insert(0, str(REPO))  # run as a script from .venv: the project's own helpers below
+
+from jobs.spark.session import QUIET_LOG4J  # noqa: E402
+from jobs.storage.owners import pid_alive  # noqa: E402
+
 STATE = "cluster.json"  # in the cluster folder: ports and pids, for `status` and `stop` from another process
 DEPS_PTH = "_glan_deps.pth"
 HOST = "127.0.0.1"
@@ -44,19 +49,6 @@ _KEEP_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "JAVA_HOME", "TMPDIR")
 # stage's spark-submit took 25-40% less on 2 cores), and one GC thread leaves the cores to the work.
 # LocalCluster(jvm_options="") keeps the JVM's defaults, e.g. for a long benchmark.
 QUICK_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
-_QUIET_LOG4J = """\
-rootLogger.level = warn
-rootLogger.appenderRef.stderr.ref = console
-appender.console.type = Console
-appender.console.name = console
-appender.console.target = SYSTEM_ERR
-appender.console.layout.type = PatternLayout
-appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n
-logger.parquet.name = org.apache.parquet
-logger.parquet.level = error
-logger.hadoop.name = org.apache.hadoop
-logger.hadoop.level = error
-"""
 
 
 def spark_home() -> Path:
@@ -109,19 +101,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own child not yet waited for) is dead for this purpose
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def kill_tree(pid: int, sig: int = signal.SIGKILL, wait_s: float = 10.0) -> None:
     """Send `sig` to `pid` and everything below it (the executor JVM, pyspark's daemon and its
     workers, which sit in a process group of their own); SIGKILL what is left after `wait_s`."""
@@ -132,10 +111,10 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL, wait_s: float = 10.0) -> None
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + wait_s
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     for target in pids + descendants(pid):
-        if _alive(target):
+        if pid_alive(target):
             try:
                 os.kill(target, signal.SIGKILL)
             except ProcessLookupError:
@@ -178,7 +157,7 @@ class LocalCluster:
         """Start the master, then the workers; return once every worker has registered."""
         for sub in ("logs", "conf", "submit-conf"):
             (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "submit-conf" / "log4j2.properties").write_text(_QUIET_LOG4J)
+        (self.work_dir / "submit-conf" / "log4j2.properties").write_text(QUIET_LOG4J)
         make_worker_venv(self.work_dir / "worker-venv")
         port, webui = free_port(), free_port()
         self.master_url, self.webui_url = f"spark://{HOST}:{port}", f"http://{HOST}:{webui}"

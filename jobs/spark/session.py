@@ -19,7 +19,7 @@ from pyspark.logger import PySparkLogger
 from pyspark.sql import SparkSession
 
 # Spark prints a banner and INFO lines on start-up; this keeps the console to warnings and errors.
-_QUIET_LOG4J = """\
+QUIET_LOG4J = """\
 rootLogger.level = warn
 rootLogger.appenderRef.stdout.ref = console
 appender.console.type = Console
@@ -101,8 +101,8 @@ def get_spark(
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
         log4j = scratch / "log4j2.properties"
-        if not log4j.exists() or log4j.read_text() != _QUIET_LOG4J:
-            log4j.write_text(_QUIET_LOG4J)
+        if not log4j.exists() or log4j.read_text() != QUIET_LOG4J:
+            log4j.write_text(QUIET_LOG4J)
         builder = (
             builder.master(master or os.environ.get("GLAN_SPARK_MASTER", "local[*]"))
             .config("spark.driver.extraJavaOptions",

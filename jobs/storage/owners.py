@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
@@ -71,14 +72,19 @@ def read_owner(fs: pafs.FileSystem, root: str) -> dict | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A process of this machine exists and is not a zombie (a child not yet waited for is gone
+    for every purpose here)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # gone since kill(0), unless there is no /proc at all (macOS): then kill(0) decides
+        return not Path("/proc").is_dir()
 
 
 def owner_is_dead(owner: dict | None, stale_after_s: float, now: float | None = None) -> bool:
@@ -89,4 +95,4 @@ def owner_is_dead(owner: dict | None, stale_after_s: float, now: float | None = 
     now = time.time() if now is None else now
     if now - float(owner.get("heartbeat", 0)) > stale_after_s:
         return True
-    return owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1)))
+    return owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", -1)))
